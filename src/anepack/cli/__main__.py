@@ -1,0 +1,5 @@
+"""Entry point for ``python -m anepack.cli``."""
+
+from anepack.cli import main
+
+main()

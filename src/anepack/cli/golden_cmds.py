@@ -1,0 +1,101 @@
+"""CLI commands ``golden record`` and ``golden check``."""
+
+from __future__ import annotations
+
+import click
+from rich.table import Table
+
+from anepack.cli.output import console, emit, json_option
+from anepack.cli.source_cmds import progress_bar
+from anepack.errors import AnepackError
+from anepack.source.default_model import resolve_model
+
+
+@click.group()
+def golden() -> None:
+    """Golden references: llama.cpp's logits for a prompt set, and checks against them."""
+
+
+@golden.command("record")
+@click.argument("model", required=False, type=click.Path(dir_okay=False))
+@click.option("--prompts", "prompts_path", type=click.Path(dir_okay=False), help="JSONL prompts (default: built-in set).")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Golden file to write (.npz).")
+@json_option
+def record_command(model: str | None, prompts_path: str | None, out_path: str, as_json: bool) -> None:
+    """Run llama.cpp on MODEL over the prompts and store token ids and logits."""
+    from anepack import golden as golden_lib
+
+    model_path = resolve_model(model)
+    prompts = golden_lib.load_prompts(prompts_path)
+    bar, task = progress_bar("llama.cpp", len(prompts))
+    with bar:
+        result = golden_lib.record(model_path, prompts, lambda name: bar.update(task, advance=1, item=name))
+    result.save(out_path)
+    document = {
+        "golden": out_path,
+        "model": str(model_path),
+        "fingerprint": result.fingerprint,
+        "referee": result.referee,
+        "prompts": [{"name": p.name, "tokens": len(p.tokens)} for p in result.prompts],
+    }
+    emit(document, as_json, lambda d: console.print(
+        f"wrote {d['golden']}: {len(d['prompts'])} prompts, "
+        f"{sum(p['tokens'] for p in d['prompts'])} positions, referee {d['referee']}"))
+
+
+def render_checks(doc: dict, title: str) -> None:
+    table = Table(title=title)
+    for column in ("prompt", "tokens", "min cos", "mean cos", "max KL", "mean KL", "top-1", "first fail", "ok"):
+        table.add_column(column, justify="left" if column == "prompt" else "right")
+    for p in doc["prompts"]:
+        table.add_row(
+            p["name"], str(p["tokens"]), f"{p['min_cosine']:.6f}", f"{p['mean_cosine']:.6f}",
+            f"{p['max_kl']:.2e}", f"{p['mean_kl']:.2e}", f"{p['top1_agreement']:.3f}",
+            "-" if p["first_failing_position"] is None else str(p["first_failing_position"]),
+            "[green]yes[/green]" if p["passed"] else "[red]no[/red]",
+        )
+    console.print(table)
+    verdict = "[bold green]PASS[/bold green]" if doc["passed"] else "[bold red]FAIL[/bold red]"
+    console.print(f"{verdict}: logit cosine >= {doc['thresholds']['min_cosine']} at every position, "
+                  f"top-1 agreement >= {doc['thresholds']['min_top1']} on every prompt")
+
+
+@golden.command("check")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(dir_okay=False), metavar="[MODEL] GOLDEN")
+@click.option("--min-cosine", default=0.99, show_default=True, help="Per-position logit cosine bar.")
+@click.option("--min-top1", default=0.95, show_default=True, help="Per-prompt top-1 agreement bar.")
+@click.option("--fp16", is_flag=True, help="Run the reference with every intermediate rounded to float16.")
+@json_option
+def check_command(paths: tuple[str, ...], min_cosine: float, min_top1: float, fp16: bool, as_json: bool) -> None:
+    """Run the numpy reference of MODEL on GOLDEN's prompts and compare with llama.cpp's logits."""
+    from anepack import golden as golden_lib
+    from anepack.reference import build
+    from anepack.source.gguf_file import open_gguf
+
+    if len(paths) > 2:
+        raise click.UsageError("expected [MODEL] GOLDEN")
+    model_path = resolve_model(paths[0] if len(paths) == 2 else None)
+    golden_file = golden_lib.Golden.load(paths[-1])
+    thresholds = golden_lib.Thresholds(min_cosine, min_top1)
+    with open_gguf(model_path) as gguf:
+        model = build(gguf.config, gguf.tensor, fp16=fp16)
+        vocab = gguf.config.vocab_size
+        if golden_file.prompts and golden_file.prompts[0].logits.shape[-1] != vocab:
+            raise AnepackError(paths[-1], f"golden logits have {golden_file.prompts[0].logits.shape[-1]} "
+                                          f"entries per position but {model_path} has a {vocab}-token vocabulary")
+        bar, task = progress_bar("numpy reference", len(golden_file.prompts))
+        with bar:
+            checks = golden_lib.check(golden_file, lambda tokens: model.forward(tokens).logits,
+                                      lambda name: bar.update(task, advance=1, item=name))
+    summaries = [c.summary(thresholds) for c in checks]
+    document = {
+        "model": str(model_path),
+        "golden": paths[-1],
+        "golden_model": golden_file.model,
+        "same_model_file": golden_lib.file_fingerprint(model_path) == golden_file.fingerprint,
+        "fp16": fp16,
+        "thresholds": {"min_cosine": min_cosine, "min_top1": min_top1},
+        "prompts": summaries,
+        "passed": all(s["passed"] for s in summaries),
+    }
+    emit(document, as_json, lambda d: render_checks(d, f"numpy reference vs llama.cpp ({d['model']})"))

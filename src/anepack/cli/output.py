@@ -1,0 +1,40 @@
+"""Shared CLI output: rich tables for people, one JSON document for programs."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from typing import Any
+
+import click
+import numpy as np
+from rich.console import Console
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of tables.")
+model_argument = click.argument("model", required=False, type=click.Path(dir_okay=False))
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return value
+
+
+def emit(document: dict[str, Any], as_json: bool, render: Callable[[dict[str, Any]], None]) -> None:
+    """Print ``document`` as JSON on stdout, or hand it to ``render`` for rich output."""
+    if as_json:
+        click.echo(json.dumps(_jsonable(document), indent=2))
+    else:
+        render(document)

@@ -1,0 +1,205 @@
+"""Golden references: prompts, their token ids and llama.cpp's logits at every position.
+
+``record`` runs llama.cpp (the independent referee) on a model and stores what it produced;
+``check`` compares any logits function (the numpy reference, later quantized stacks or built
+shards) against a stored golden file, per prompt and per position.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from anepack import __version__
+from anepack.errors import AnepackError
+from anepack.metrics import kl_divergence, rowwise_cosine, top1_agreement
+from anepack.source.fingerprint import file_fingerprint
+
+GOLDEN_FORMAT = 1
+MIN_PROMPT_TOKENS = 2
+
+
+@dataclass(frozen=True)
+class Prompt:
+    name: str
+    text: str
+
+
+def default_prompts_path() -> Path:
+    return Path(str(resources.files("anepack") / "data" / "prompts.jsonl"))
+
+
+def load_prompts(path: str | os.PathLike[str] | None = None) -> list[Prompt]:
+    """Read a JSONL prompt file: one object per line with ``text`` and an optional ``name``."""
+    path = Path(path) if path is not None else default_prompts_path()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise AnepackError(path, "no such prompt file") from None
+    except UnicodeDecodeError:
+        raise AnepackError(path, "prompt file is not UTF-8") from None
+    prompts = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise AnepackError(path, f"line {number} is not valid JSON ({err.msg})") from None
+        if not isinstance(item, dict) or not isinstance(item.get("text"), str) or not item["text"]:
+            raise AnepackError(path, f"line {number} needs a non-empty string field 'text'")
+        prompts.append(Prompt(str(item.get("name", f"prompt-{len(prompts) + 1}")), item["text"]))
+    if not prompts:
+        raise AnepackError(path, "prompt file has no prompts")
+    return prompts
+
+
+@dataclass
+class GoldenPrompt:
+    name: str
+    text: str
+    tokens: np.ndarray  # int32 [T]
+    logits: np.ndarray  # float16 [T, vocab], llama.cpp's
+
+
+@dataclass
+class Golden:
+    model: str
+    fingerprint: str
+    referee: str
+    prompts: list[GoldenPrompt] = field(default_factory=list)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write atomically: a temporary file in the same directory, then a rename."""
+        path = Path(path)
+        meta = {
+            "format": GOLDEN_FORMAT,
+            "anepack": __version__,
+            "model": self.model,
+            "fingerprint": self.fingerprint,
+            "referee": self.referee,
+            "prompts": [{"name": p.name, "text": p.text} for p in self.prompts],
+        }
+        arrays = {"meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)}
+        for index, prompt in enumerate(self.prompts):
+            arrays[f"tokens_{index}"] = prompt.tokens.astype(np.int32)
+            arrays[f"logits_{index}"] = prompt.logits.astype(np.float16)
+        partial = path.with_name(f".{path.name}.partial")
+        try:
+            with open(partial, "wb") as handle:
+                np.savez(handle, **arrays)
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Golden:
+        path = Path(path)
+        try:
+            archive = np.load(path, allow_pickle=False)
+            meta = json.loads(archive["meta"].tobytes().decode())
+            golden = cls(meta["model"], meta["fingerprint"], meta["referee"])
+            for index, item in enumerate(meta["prompts"]):
+                golden.prompts.append(
+                    GoldenPrompt(item["name"], item["text"], archive[f"tokens_{index}"], archive[f"logits_{index}"])
+                )
+        except FileNotFoundError:
+            raise AnepackError(path, "no such golden file") from None
+        except (OSError, ValueError, KeyError, json.JSONDecodeError) as err:
+            raise AnepackError(path, f"not a golden file written by anepack golden record ({err})") from None
+        return golden
+
+
+def record(
+    model_path: str | os.PathLike[str],
+    prompts: Iterable[Prompt],
+    progress: Callable[[str], None] | None = None,
+) -> Golden:
+    """Tokenize each prompt with the model's own vocabulary and keep llama.cpp's logits."""
+    from anepack.llamacpp import LlamaCppReferee
+
+    referee = LlamaCppReferee(model_path)
+    golden = Golden(str(model_path), file_fingerprint(model_path), referee.describe())
+    for prompt in prompts:
+        if progress is not None:
+            progress(prompt.name)
+        tokens = np.asarray(referee.tokenize(prompt.text), dtype=np.int32)
+        if len(tokens) < MIN_PROMPT_TOKENS:
+            raise AnepackError(None, f"prompt {prompt.name!r} has fewer than {MIN_PROMPT_TOKENS} tokens")
+        golden.prompts.append(GoldenPrompt(prompt.name, prompt.text, tokens, referee.logits(tokens)))
+    return golden
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    min_cosine: float = 0.97
+    min_top1: float = 0.90
+
+
+@dataclass
+class PromptCheck:
+    name: str
+    n_tokens: int
+    cosine: np.ndarray  # per position
+    kl: np.ndarray  # per position, KL(golden || test)
+    top1: np.ndarray  # per position, bool
+
+    @property
+    def top1_agreement(self) -> float:
+        return float(self.top1.mean())
+
+    def first_failure(self, thresholds: Thresholds) -> int | None:
+        below = np.flatnonzero(self.cosine < thresholds.min_cosine)
+        return int(below[0]) if below.size else None
+
+    def passed(self, thresholds: Thresholds) -> bool:
+        return self.first_failure(thresholds) is None and self.top1_agreement >= thresholds.min_top1
+
+    def summary(self, thresholds: Thresholds) -> dict:
+        return {
+            "name": self.name,
+            "tokens": self.n_tokens,
+            "min_cosine": float(self.cosine.min()),
+            "mean_cosine": float(self.cosine.mean()),
+            "max_kl": float(self.kl.max()),
+            "mean_kl": float(self.kl.mean()),
+            "top1_agreement": self.top1_agreement,
+            "first_failing_position": self.first_failure(thresholds),
+            "passed": self.passed(thresholds),
+            "cosine_per_position": self.cosine.tolist(),
+            "kl_per_position": self.kl.tolist(),
+        }
+
+
+def compare(name: str, golden_logits: np.ndarray, test_logits: np.ndarray) -> PromptCheck:
+    golden32 = np.asarray(golden_logits, dtype=np.float32)
+    if golden32.shape != test_logits.shape:
+        raise AnepackError(None, f"prompt {name!r}: logits shape {test_logits.shape} != golden {golden32.shape}")
+    return PromptCheck(
+        name,
+        len(golden32),
+        rowwise_cosine(golden32, test_logits),
+        kl_divergence(golden32, test_logits),
+        top1_agreement(golden32, test_logits),
+    )
+
+
+def check(
+    golden: Golden,
+    logits_fn: Callable[[np.ndarray], np.ndarray],
+    progress: Callable[[str], None] | None = None,
+) -> list[PromptCheck]:
+    """Run ``logits_fn`` on each golden prompt's tokens and compare position by position."""
+    results = []
+    for prompt in golden.prompts:
+        if progress is not None:
+            progress(prompt.name)
+        results.append(compare(prompt.name, prompt.logits, logits_fn(prompt.tokens)))
+    return results

@@ -1,0 +1,59 @@
+"""Fidelity metrics shared by every stage: cosine, SQNR, KL divergence, top-1 agreement.
+
+All functions take float arrays and compute in float64 so that the metric itself adds no
+error to what it measures.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Cosine similarity of two arrays, flattened."""
+    a64 = np.asarray(a, dtype=np.float64).ravel()
+    b64 = np.asarray(b, dtype=np.float64).ravel()
+    denom = np.linalg.norm(a64) * np.linalg.norm(b64)
+    if denom == 0.0:
+        return 1.0 if np.array_equal(a64, b64) else 0.0
+    return float(a64 @ b64 / denom)
+
+
+def rowwise_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of matching rows (last axis), e.g. per position of ``[T, D]``."""
+    a64 = np.asarray(a, dtype=np.float64)
+    b64 = np.asarray(b, dtype=np.float64)
+    dots = np.sum(a64 * b64, axis=-1)
+    norms = np.linalg.norm(a64, axis=-1) * np.linalg.norm(b64, axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), 1.0)
+    return out
+
+
+def sqnr_db(reference: np.ndarray, approximation: np.ndarray) -> float:
+    """Signal-to-quantization-noise ratio in dB: 10 log10(|ref|^2 / |ref - approx|^2)."""
+    ref = np.asarray(reference, dtype=np.float64).ravel()
+    err = ref - np.asarray(approximation, dtype=np.float64).ravel()
+    noise = float(err @ err)
+    if noise == 0.0:
+        return float("inf")
+    return float(10.0 * np.log10(float(ref @ ref) / noise))
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Numerically stable log-softmax over the last axis, in float64."""
+    x = np.asarray(logits, dtype=np.float64)
+    shifted = x - x.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def kl_divergence(reference_logits: np.ndarray, test_logits: np.ndarray) -> np.ndarray:
+    """KL(P_ref || P_test) per row (position), as llama-perplexity --kl-divergence reports."""
+    log_p = log_softmax(reference_logits)
+    log_q = log_softmax(test_logits)
+    return np.sum(np.exp(log_p) * (log_p - log_q), axis=-1)
+
+
+def top1_agreement(reference_logits: np.ndarray, test_logits: np.ndarray) -> np.ndarray:
+    """Per row: True where both logit vectors pick the same most likely token."""
+    return np.argmax(reference_logits, axis=-1) == np.argmax(test_logits, axis=-1)

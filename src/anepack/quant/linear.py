@@ -1,0 +1,163 @@
+"""Linear (integer + scale) quantization and Core ML's ``constexpr_blockwise_shift_scale``.
+
+Per-tensor, per-output-channel and per-block formats are one computation over blocks of
+the weight: a block is the whole matrix, one row, or B consecutive columns of one row.
+Scales are computed in float32 and stored as float16 (what the ANE reads); codes are
+rounded against the stored float16 scale, so dequantization reproduces the nearest levels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from anepack.errors import AnepackError
+from anepack.quant.formats import FormatSpecError, LinearFormat
+from anepack.quant.packing import QuantizedTensor
+
+# With importance given, each block's range is shrunk by each of these factors and the
+# importance-weighted squared error picks the best (llama.cpp's imatrix quantizers search a
+# similar small grid of scales). Clipping a few outliers often buys finer levels for the rest.
+SHRINK_FACTORS = tuple(np.linspace(1.0, 0.70, 16))
+
+_FP16_MAX = float(np.finfo(np.float16).max)
+_FP16_SMALLEST = float(np.finfo(np.float16).smallest_subnormal)
+
+
+def blockwise_shift_scale(
+    data: np.ndarray, scale: np.ndarray, offset: np.ndarray | None = None
+) -> np.ndarray:
+    """Core ML's ``out = scale[blk] * (data - offset[blk])`` with float16 scale and output.
+
+    ``scale`` (and ``offset``) have the rank of ``data``; each data dim is a multiple of the
+    scale dim, the block size along that axis. ``data - offset`` is an exact small integer
+    (or an fp16 value) and the product of two fp16 values is exact in float32, so the one
+    rounding to float16 at the end is exactly fp16 arithmetic.
+    """
+    if scale.ndim != data.ndim:
+        raise ValueError(f"scale rank {scale.ndim} differs from data rank {data.ndim}")
+    blocked = [n for count, size in zip(scale.shape, data.shape) for n in (count, size // count)]
+    broadcast = [n for count in scale.shape for n in (count, 1)]
+    values = data.reshape(blocked).astype(np.float32)
+    if offset is not None:
+        values -= offset.reshape(broadcast).astype(np.float32)
+    values *= scale.reshape(broadcast).astype(np.float32)
+    return values.astype(np.float16).reshape(data.shape)
+
+
+def float16_scale(scale: np.ndarray) -> np.ndarray:
+    """Scales as stored: float16, never zero (a block of zeros keeps scale 1 and code 0)."""
+    if not np.all(np.isfinite(scale)) or np.max(scale, initial=0.0) > _FP16_MAX:
+        raise AnepackError(None, "weight magnitudes exceed what a float16 scale can represent")
+    rounded = np.where(scale > 0, scale, 1.0).astype(np.float16)
+    return np.where(rounded > 0, rounded, np.float16(_FP16_SMALLEST))
+
+
+def symmetric_codes(weight: np.ndarray, scale: np.ndarray, code_max: int) -> np.ndarray:
+    """Nearest signed codes in [-code_max, code_max] for ``weight / scale`` (float32)."""
+    return np.clip(np.rint(weight / scale.astype(np.float32)), -code_max, code_max)
+
+
+@dataclass(frozen=True)
+class LinearTensor(QuantizedTensor):
+    """Inputs of ``constexpr_blockwise_shift_scale``: integer ``data`` (int8 or uint8 numpy
+    arrays holding 8- or 4-bit codes), float16 ``scale`` and ``offset`` (None when the
+    format is signed symmetric, whose offset is zero), all of the weight's rank."""
+
+    data: np.ndarray
+    scale: np.ndarray
+    offset: np.ndarray | None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.data.shape
+
+    def storage_bits(self) -> dict[str, tuple[np.ndarray, int]]:
+        nbits = self.format.nbits
+        stored = {"data": (self.data, nbits), "scale": (self.scale, 16)}
+        if self.offset is not None:
+            stored["offset"] = (self.offset, nbits)
+        return stored
+
+    def dequantize(self) -> np.ndarray:
+        return blockwise_shift_scale(self.data, self.scale, self.offset)
+
+
+def _block_shape(fmt: LinearFormat, rows: int, cols: int) -> tuple[int, int]:
+    if fmt.block_size:
+        if cols % fmt.block_size:
+            raise FormatSpecError(
+                None, f"{fmt.spec} needs Cin divisible by {fmt.block_size}, got {cols} columns"
+            )
+        return 1, fmt.block_size
+    return (1, cols) if fmt.per_channel else (rows, cols)
+
+
+def _scale_and_offset(
+    fmt: LinearFormat, low: np.ndarray, high: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Float16 scale and integer offset per block for the range [low, high] (low <= 0 <= high)."""
+    code_min, code_max = fmt.code_range
+    if not fmt.affine:
+        half_levels = 2 ** (fmt.nbits - 1) - 1
+        offset = 0 if fmt.signed else half_levels
+        return float16_scale(high / half_levels), np.full(high.shape, offset, np.float32)
+    span = high - low
+    with np.errstate(invalid="ignore", divide="ignore"):
+        zero_point = np.where(span > 0, (code_min * high - code_max * low) / span, 0.0)
+    offset = np.clip(np.rint(zero_point), code_min, code_max).astype(np.float32)
+    return float16_scale(span / (code_max - code_min)), offset
+
+
+def quantize_linear(
+    weight: np.ndarray, fmt: LinearFormat, importance: np.ndarray | None = None
+) -> LinearTensor:
+    """Quantize a float32 ``[Cout, Cin]`` matrix; ``importance`` is ``[Cin]`` or None."""
+    rows, cols = weight.shape
+    block_rows, block_cols = _block_shape(fmt, rows, cols)
+    grid = (rows // block_rows, block_rows, cols // block_cols, block_cols)
+    blocks = weight.reshape(grid)
+    low = blocks.min(axis=(1, 3), keepdims=True)
+    high = blocks.max(axis=(1, 3), keepdims=True)
+    if fmt.affine:
+        low, high = np.minimum(low, 0.0), np.maximum(high, 0.0)
+    else:
+        high = np.maximum(-low, high)
+        low = -high
+    code_min, code_max = fmt.code_range
+
+    def levels(factor: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        scale, offset = _scale_and_offset(fmt, low * factor, high * factor)
+        codes = np.clip(np.rint(blocks / scale.astype(np.float32)) + offset, code_min, code_max)
+        return codes, scale, offset
+
+    codes, scale, offset = levels(1.0)
+    if importance is not None:
+        weights = np.asarray(importance, np.float32).reshape(1, 1, grid[2], block_cols)
+
+        def weighted_error(codes, scale, offset):
+            error = blocks - (codes - offset) * scale.astype(np.float32)
+            return np.sum(weights * error * error, axis=(1, 3), keepdims=True)
+
+        best_error = weighted_error(codes, scale, offset)
+        for factor in SHRINK_FACTORS[1:]:
+            candidate = levels(factor)
+            error = weighted_error(*candidate)
+            better = error < best_error
+            best_error = np.where(better, error, best_error)
+            codes = np.where(better, candidate[0], codes)
+            scale = np.where(better, candidate[1], scale)
+            offset = np.where(better, candidate[2], offset)
+
+    code_dtype = np.int8 if fmt.signed else np.uint8
+    scale_shape = (grid[0], grid[2])
+    stored_offset = None
+    if fmt.affine or not fmt.signed:
+        stored_offset = offset.reshape(scale_shape).astype(code_dtype)
+    return LinearTensor(
+        format=fmt,
+        data=codes.reshape(rows, cols).astype(code_dtype),
+        scale=scale.reshape(scale_shape),
+        offset=stored_offset,
+    )

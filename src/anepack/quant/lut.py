@@ -1,0 +1,246 @@
+"""Palettization (look-up-table weights) and Core ML's ``constexpr_lut_to_dense``.
+
+Scalar LUTs cluster each group of ``G`` output rows with weighted 1-D k-means
+(``anepack.quant.kmeans``); vector LUTs cluster ``V``-long column segments along Cout with
+weighted Lloyd k-means. Either way the LUT is rounded to what Core ML stores (float16, or
+int8 codes times a float16 scale) and every index is then re-chosen as the nearest stored
+entry, so the indices are optimal for the LUT the ANE actually reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+from anepack.quant.formats import FormatSpecError, LutFormat, VectorLutFormat
+from anepack.quant.kmeans import kmeans_1d
+from anepack.quant.linear import blockwise_shift_scale, float16_scale, symmetric_codes
+from anepack.quant.packing import QuantizedTensor
+
+INT8_LUT_CODE_MAX = 127  # coremltools' symmetric int8 range
+
+# Vector k-means: Lloyd steps cap (it usually stops earlier, when no label changes), and
+# the number of vectors whose distances to all centroids are held in memory at once.
+_VECTOR_LLOYD_STEPS = 40
+_VECTOR_CHUNK = 1 << 18
+
+
+def lut_to_dense(indices: np.ndarray, lut: np.ndarray, vector_axis: int | None = None) -> np.ndarray:
+    """Core ML's ``constexpr_lut_to_dense``: ``lut`` has rank ``indices.ndim + 2``,
+    ``[groups per axis..., 2^nbits, vector_size]``; each indices dim is a multiple of the
+    LUT's group count there. Vectors are laid out along ``vector_axis`` (``out[..., i*V + j,
+    ...] = lut[group, index[..., i, ...], j]``)."""
+    rank = indices.ndim
+    if lut.ndim != rank + 2:
+        raise ValueError(f"lut rank {lut.ndim} must be indices rank {rank} + 2")
+    groups = lut.shape[:rank]
+    entries, vector_size = lut.shape[rank:]
+    blocked = [n for count, size in zip(groups, indices.shape) for n in (count, size // count)]
+    # Flat number of each element's LUT, built per block so no full-size LUT copy is made.
+    group_number = np.zeros([n for count in groups for n in (count, 1)], dtype=np.int64)
+    stride = 1
+    for axis in reversed(range(rank)):
+        along = [1] * (2 * rank)
+        along[2 * axis] = groups[axis]
+        group_number = group_number + np.arange(groups[axis]).reshape(along) * stride
+        stride *= groups[axis]
+    flat_index = (group_number * entries + indices.reshape(blocked)).reshape(indices.shape)
+    vectors = lut.reshape(-1, vector_size)[flat_index]
+    if vector_size == 1:
+        return vectors[..., 0]
+    out_shape = list(indices.shape)
+    out_shape[vector_axis] *= vector_size
+    return np.moveaxis(vectors, -1, vector_axis + 1).reshape(out_shape)
+
+
+@dataclass(frozen=True)
+class PalettizedTensor(QuantizedTensor):
+    """Inputs of ``constexpr_lut_to_dense`` and the optional scale ops around it.
+
+    ``indices`` (uint8 numpy holding nbits codes), ``lut`` (float16, or int8 with
+    ``lut_scale`` float16 shaped like the LUT with its last two dims 1: the
+    ``constexpr_blockwise_shift_scale`` before ``lut_to_dense``), ``channel_scale`` (float16,
+    the weight's rank with 1 along Cin: the ``constexpr_blockwise_shift_scale`` after it),
+    ``vector_axis`` (the Cout axis for vector LUTs, else None).
+    """
+
+    indices: np.ndarray
+    lut: np.ndarray
+    lut_scale: np.ndarray | None
+    channel_scale: np.ndarray | None
+    vector_axis: int | None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        shape = list(self.indices.shape)
+        if self.vector_axis is not None:
+            shape[self.vector_axis] *= self.lut.shape[-1]
+        return tuple(shape)
+
+    def storage_bits(self) -> dict[str, tuple[np.ndarray, int]]:
+        stored = {
+            "indices": (self.indices, self.format.nbits),
+            "lut": (self.lut, 8 if self.lut_scale is not None else 16),
+        }
+        if self.lut_scale is not None:
+            stored["lut_scale"] = (self.lut_scale, 16)
+        if self.channel_scale is not None:
+            stored["channel_scale"] = (self.channel_scale, 16)
+        return stored
+
+    def dense_lut(self) -> np.ndarray:
+        """The float16 LUT ``lut_to_dense`` reads (int8 LUTs dequantized first)."""
+        if self.lut_scale is None:
+            return self.lut
+        return blockwise_shift_scale(self.lut, self.lut_scale)
+
+    def dequantize(self) -> np.ndarray:
+        dense = lut_to_dense(self.indices, self.dense_lut(), self.vector_axis)
+        if self.channel_scale is None:
+            return dense
+        return blockwise_shift_scale(dense, self.channel_scale)
+
+    def _with_leading_axis(self, arrays: dict[str, np.ndarray]) -> "PalettizedTensor":
+        vector_axis = None if self.vector_axis is None else self.vector_axis + 1
+        return dataclasses.replace(self, vector_axis=vector_axis, **arrays)
+
+
+def _stored_lut(centroids: np.ndarray, int8_lut: bool):
+    """(LUT as stored, its scale or None, the float16 values it decodes to) per group."""
+    if not int8_lut:
+        lut = centroids.astype(np.float16)
+        return lut, None, lut
+    scale = float16_scale(np.abs(centroids).max(axis=-1, keepdims=True) / INT8_LUT_CODE_MAX)
+    codes = symmetric_codes(centroids, scale, INT8_LUT_CODE_MAX).astype(np.int8)
+    decoded = (codes.astype(np.float32) * scale.astype(np.float32)).astype(np.float16)
+    return codes, scale, decoded
+
+
+def _nearest_sorted(values: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    """Per group (row), the index of the nearest of ``levels`` (ascending) for each value."""
+    levels = levels.astype(np.float32)
+    midpoints = (levels[:, :-1] + levels[:, 1:]) / 2.0
+    labels = np.empty(values.shape, dtype=np.uint8)
+    for group, (row, row_midpoints) in enumerate(zip(values, midpoints)):
+        labels[group] = np.searchsorted(row_midpoints, row, side="left")
+    return labels
+
+
+def quantize_lut(
+    weight: np.ndarray, fmt: LutFormat, importance: np.ndarray | None = None
+) -> PalettizedTensor:
+    """Palettize a float32 ``[Cout, Cin]`` matrix; ``importance`` is ``[Cin]`` or None."""
+    rows, cols = weight.shape
+    group = fmt.group_size or rows
+    if rows % group:
+        raise FormatSpecError(None, f"{fmt.spec} needs Cout divisible by {group}, got {rows} rows")
+    channel_scale = None
+    values = weight
+    # Per-element error weights: importance per column, times the square of the row scale
+    # when clustering normalized rows (an error e there is an error e * scale in the weight).
+    error_weights = None if importance is None else np.asarray(importance, np.float32)[None, :]
+    if fmt.per_channel_scale:
+        channel_scale = float16_scale(np.abs(weight).max(axis=1, keepdims=True))
+        row_scale = channel_scale.astype(np.float32)
+        values = weight / row_scale
+        row_weight = row_scale * row_scale
+        error_weights = row_weight if error_weights is None else error_weights * row_weight
+    grouped = values.reshape(rows // group, group * cols)
+    if error_weights is not None:
+        error_weights = np.broadcast_to(error_weights, (rows, cols)).reshape(grouped.shape)
+    centroids, _ = kmeans_1d(grouped, fmt.entries, error_weights)
+    lut, lut_scale, decoded = _stored_lut(centroids, fmt.int8_lut)
+    indices = _nearest_sorted(grouped, decoded).reshape(rows, cols)
+    lut_shape = (rows // group, 1, fmt.entries, 1)
+    return PalettizedTensor(
+        format=fmt,
+        indices=indices,
+        lut=lut.reshape(lut_shape),
+        lut_scale=None if lut_scale is None else lut_scale.reshape(rows // group, 1, 1, 1),
+        channel_scale=channel_scale,
+        vector_axis=None,
+    )
+
+
+def _nearest_vectors(vectors: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Index of each vector's nearest centroid, and the squared distance to it."""
+    labels = np.empty(len(vectors), dtype=np.int64)
+    distances = np.empty(len(vectors), dtype=np.float32)
+    centroid_norms = np.einsum("kd,kd->k", centroids, centroids)
+    for start in range(0, len(vectors), _VECTOR_CHUNK):
+        chunk = vectors[start : start + _VECTOR_CHUNK]
+        squared = centroid_norms[None, :] - 2.0 * chunk @ centroids.T
+        nearest = np.argmin(squared, axis=1)
+        labels[start : start + len(chunk)] = nearest
+        closest = squared[np.arange(len(chunk)), nearest] + np.einsum("nd,nd->n", chunk, chunk)
+        distances[start : start + len(chunk)] = np.maximum(closest, 0.0)
+    return labels, distances
+
+
+def _plus_plus_start(vectors: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k-means++ seeds drawn from a random sample of the vectors."""
+    sample = vectors[rng.choice(len(vectors), size=min(len(vectors), 64 * k), replace=False)]
+    centroids = [sample[rng.integers(len(sample))]]
+    distance = np.sum((sample - centroids[0]) ** 2, axis=1)
+    for _ in range(k - 1):
+        total = distance.sum()
+        pick = rng.choice(len(sample), p=distance / total) if total > 0 else rng.integers(len(sample))
+        centroids.append(sample[pick])
+        distance = np.minimum(distance, np.sum((sample - sample[pick]) ** 2, axis=1))
+    return np.array(centroids, dtype=np.float32)
+
+
+def weighted_vector_kmeans(
+    vectors: np.ndarray, k: int, weights: np.ndarray | None = None, seed: int = 0
+) -> np.ndarray:
+    """Weighted Lloyd k-means of ``[N, V]`` vectors into ``k`` centroids (``[k, V]``).
+
+    ``weights`` ``[N]`` weighs each vector's squared error. An emptied cluster is re-seeded
+    at the vector with the largest weighted error, so every centroid stays in use.
+    """
+    rng = np.random.default_rng(seed)
+    weights = np.ones(len(vectors), np.float32) if weights is None else weights.astype(np.float32)
+    centroids = _plus_plus_start(vectors, k, rng)
+    labels = None
+    for _ in range(_VECTOR_LLOYD_STEPS):
+        new_labels, distances = _nearest_vectors(vectors, centroids)
+        if labels is not None and np.array_equal(new_labels, labels):
+            break
+        labels = new_labels
+        mass = np.bincount(labels, weights=weights, minlength=k)
+        for dim in range(vectors.shape[1]):
+            total = np.bincount(labels, weights=weights * vectors[:, dim], minlength=k)
+            centroids[:, dim] = np.where(mass > 0, total / np.where(mass > 0, mass, 1.0), centroids[:, dim])
+        for empty in np.flatnonzero(mass == 0):
+            worst = np.argmax(weights * distances)
+            centroids[empty] = vectors[worst]
+            distances[worst] = 0.0
+    return centroids
+
+
+def quantize_vector_lut(
+    weight: np.ndarray, fmt: VectorLutFormat, importance: np.ndarray | None = None
+) -> PalettizedTensor:
+    """Vector-palettize a float32 ``[Cout, Cin]`` matrix along Cout; ``importance`` ``[Cin]``."""
+    rows, cols = weight.shape
+    size = fmt.vector_size
+    if rows % size:
+        raise FormatSpecError(None, f"{fmt.spec} needs Cout divisible by {size}, got {rows} rows")
+    # Vector (i, c) is rows i*V .. i*V+V-1 of column c; index (i, c) selects it.
+    vectors = weight.reshape(rows // size, size, cols).transpose(0, 2, 1).reshape(-1, size)
+    vector_weights = None
+    if importance is not None:
+        vector_weights = np.tile(np.asarray(importance, np.float32), rows // size)
+    centroids = weighted_vector_kmeans(np.ascontiguousarray(vectors), fmt.entries, vector_weights)
+    lut = centroids.astype(np.float16)
+    labels, _ = _nearest_vectors(vectors, lut.astype(np.float32))
+    return PalettizedTensor(
+        format=fmt,
+        indices=labels.astype(np.uint8).reshape(rows // size, cols),
+        lut=lut.reshape(1, 1, fmt.entries, size),
+        lut_scale=None,
+        channel_scale=None,
+        vector_axis=0,
+    )

@@ -1,0 +1,31 @@
+"""The exact numpy forward pass of each supported architecture, checked against llama.cpp.
+
+``build(config, weights)`` picks the model class for the config's type. ``weights`` is any
+callable ``name -> float32 array`` in numpy order (``GGUFFile.tensor`` or a quantized recipe
+wrapping it); tensors are read on first use and cached on the model.
+"""
+
+from __future__ import annotations
+
+from anepack.errors import UnsupportedModelError
+from anepack.reference.common import Overflow
+from anepack.reference.gemma3 import Gemma3
+from anepack.reference.llama import Llama
+from anepack.reference.model import ForwardResult, ReferenceModel, WeightSource
+from anepack.source.config import Gemma3Config, LlamaConfig, ModelConfig
+
+MODELS: dict[type, type[ReferenceModel]] = {
+    Gemma3Config: Gemma3,
+    LlamaConfig: Llama,
+}
+
+
+def build(config: ModelConfig, weights: WeightSource, fp16: bool = False) -> ReferenceModel:
+    """The reference model for ``config`` over ``weights``; ``fp16`` rounds every intermediate."""
+    model_class = MODELS.get(type(config))
+    if model_class is None:
+        raise UnsupportedModelError(None, f"no reference forward pass for {type(config).__name__}")
+    return model_class(config, weights, fp16=fp16)
+
+
+__all__ = ["ForwardResult", "Overflow", "ReferenceModel", "WeightSource", "build"]

@@ -1,0 +1,118 @@
+"""What every reference model shares: lazy weight cache, precision, and the forward loop.
+
+An architecture subclasses ``ReferenceModel`` and writes ``embed_tokens``, ``block`` and
+``head``; the base class wraps them as ``embed``, ``layer`` and ``final``, and ``forward``
+chains those. ``layer`` works alone from a given hidden state, because the validators run
+single layers with substituted (quantized) weights.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from anepack.errors import AnepackError
+from anepack.reference.common import Overflow, Precision
+
+WeightSource = Callable[[str], np.ndarray]
+
+
+@dataclass(frozen=True)
+class ForwardResult:
+    """Logits ``[T, vocab]``, the hidden state ``[T, n_embd]`` after each layer, first fp16 overflow."""
+
+    logits: np.ndarray
+    hidden_states: list[np.ndarray]
+    overflow: Overflow | None
+
+
+class ReferenceModel(ABC):
+    """Base of the per-architecture models: subclasses define ``embed_tokens``, ``block``, ``head``."""
+
+    def __init__(self, config, weights: WeightSource, fp16: bool = False):
+        self.config = config
+        self._source = weights
+        self._cache: dict[str, np.ndarray] = {}
+        self.precision = Precision(fp16)
+
+    @property
+    def overflow(self) -> Overflow | None:
+        """First float16 overflow since the last ``forward`` (or since construction)."""
+        return self.precision.overflow
+
+    def weight(self, name: str) -> np.ndarray:
+        """Tensor ``name`` as float32 (float16-valued in fp16 mode), read from the source once."""
+        cached = self._cache.get(name)
+        if cached is None:
+            loaded = np.asarray(self._source(name), dtype=np.float32)
+            cached = self._cache[name] = self.precision.weight(loaded)
+        return cached
+
+    def layer_weight(self, il: int, name: str) -> np.ndarray:
+        """Weight ``blk.<il>.<name>.weight``."""
+        return self.weight(f"blk.{il}.{name}.weight")
+
+    def round(self, x: np.ndarray, layer: int | None, where: str) -> np.ndarray:
+        return self.precision.round(x, layer, where)
+
+    def check_tokens(self, tokens: np.ndarray) -> np.ndarray:
+        """``tokens`` as a 1-D int64 array, or an error naming the first id outside the vocabulary."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        if tokens.ndim != 1 or tokens.size == 0:
+            raise AnepackError(None, f"expected a non-empty 1-D token sequence, got shape {tokens.shape}")
+        bad = tokens[(tokens < 0) | (tokens >= self.config.vocab_size)]
+        if bad.size:
+            raise AnepackError(None, f"token id {int(bad[0])} is outside the vocabulary (size {self.config.vocab_size})")
+        return tokens
+
+    def embed(self, tokens: np.ndarray) -> np.ndarray:
+        """Token ids ``[T]`` -> input hidden state ``[T, n_embd]``."""
+        tokens = self.check_tokens(tokens)
+        self.precision.positions = None
+        with self._numerics():
+            return self.embed_tokens(tokens)
+
+    def layer(self, il: int, hidden: np.ndarray, positions: np.ndarray | None = None) -> np.ndarray:
+        """Layer ``il`` alone on hidden state ``[T, n_embd]`` at ``positions`` (default 0..T-1)."""
+        positions = np.arange(hidden.shape[0]) if positions is None else np.asarray(positions)
+        self.precision.positions = positions
+        with self._numerics():
+            return self.block(il, np.asarray(hidden, dtype=np.float32), positions)
+
+    def final(self, hidden: np.ndarray) -> np.ndarray:
+        """Last hidden state ``[T, n_embd]`` -> logits ``[T, vocab]``."""
+        self.precision.positions = None
+        with self._numerics():
+            return self.head(np.asarray(hidden, dtype=np.float32))
+
+    def _numerics(self) -> np.errstate:
+        # In fp16 mode an overflow is recorded once and then flows on as inf/NaN, as on the
+        # ANE; numpy's warnings about it would only repeat what ``overflow`` reports.
+        return np.errstate(over="ignore", invalid="ignore") if self.precision.fp16 else np.errstate()
+
+    @abstractmethod
+    def embed_tokens(self, tokens: np.ndarray) -> np.ndarray:
+        """Checked token ids ``[T]`` -> input hidden state ``[T, n_embd]``."""
+
+    @abstractmethod
+    def block(self, il: int, hidden: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Layer ``il``: hidden state ``[T, n_embd]`` at token ``positions`` -> ``[T, n_embd]``."""
+
+    @abstractmethod
+    def head(self, hidden: np.ndarray) -> np.ndarray:
+        """Last hidden state ``[T, n_embd]`` -> logits ``[T, vocab]``."""
+
+    def forward(self, tokens: np.ndarray) -> ForwardResult:
+        """Prefill over ``tokens`` from position 0: logits, every layer's output, first overflow."""
+        self.precision.overflow = None
+        hidden = self.embed(tokens)
+        positions = np.arange(hidden.shape[0])
+        hidden_states = []
+        for il in range(self.config.n_layers):
+            hidden = self.layer(il, hidden, positions)
+            hidden_states.append(hidden)
+        logits = self.final(hidden)
+        return ForwardResult(logits, hidden_states, self.precision.overflow)

@@ -1,0 +1,484 @@
+"""Write small, valid, seeded GGUF models for tests, that llama.cpp runs as the referee.
+
+One frozen dataclass of dimensions per architecture says what the model looks like: its
+hyperparameter keys and its tensor plan (llama.cpp's names and shapes). Weights are drawn
+per tensor from a generator seeded by (seed, tensor name), with the statistics of real
+checkpoints: Student-t tails, a few boosted input channels per linear weight, and norm gains
+around 1. The vocabulary is a sentencepiece-style ("llama" tokenizer model) list with
+control tokens, the 256 byte-fallback tokens and scored pieces, so any UTF-8 text tokenizes.
+Adding an architecture means adding one dims class and registering it in ARCHITECTURES.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import os
+import string
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, NamedTuple
+
+import numpy as np
+from gguf import (
+    GGML_QUANT_SIZES,
+    MODEL_TENSOR,
+    TENSOR_NAMES,
+    GGMLQuantizationType,
+    GGUFWriter,
+    LlamaFileType,
+    TokenType,
+)
+from gguf.quants import quantize
+
+from anepack.errors import AnepackError
+
+
+class WeightType(NamedTuple):
+    """How the 2-D weights of a synthetic model are stored (norms always stay F32)."""
+
+    ggml_type: GGMLQuantizationType
+    file_type: LlamaFileType
+
+
+# The types gguf-py can produce itself (K-quants and IQ types it can only read).
+WEIGHT_TYPES: dict[str, WeightType] = {
+    "f32": WeightType(GGMLQuantizationType.F32, LlamaFileType.ALL_F32),
+    "f16": WeightType(GGMLQuantizationType.F16, LlamaFileType.MOSTLY_F16),
+    "bf16": WeightType(GGMLQuantizationType.BF16, LlamaFileType.MOSTLY_BF16),
+    "q8_0": WeightType(GGMLQuantizationType.Q8_0, LlamaFileType.MOSTLY_Q8_0),
+    "q5_1": WeightType(GGMLQuantizationType.Q5_1, LlamaFileType.MOSTLY_Q5_1),
+    "q5_0": WeightType(GGMLQuantizationType.Q5_0, LlamaFileType.MOSTLY_Q5_0),
+    "q4_1": WeightType(GGMLQuantizationType.Q4_1, LlamaFileType.MOSTLY_Q4_1),
+    "q4_0": WeightType(GGMLQuantizationType.Q4_0, LlamaFileType.MOSTLY_Q4_0),
+}
+
+# Student-t with 5 degrees of freedom: finite variance, excess kurtosis 6, like trained weights.
+STUDENT_T_DF = 5.0
+OUTLIER_CHANNELS = 2
+OUTLIER_BOOST = (6.0, 12.0)
+NORM_GAIN_SPREAD = 0.2
+# Logit standard deviation the embedding / LM head scale aims at: peaked but not one-hot.
+LOGIT_STD = 3.0
+
+
+# ---------------------------------------------------------------------------------------
+# Vocabulary
+
+SPACE_MARKER = "\u2581"  # sentencepiece's "▁"
+
+COMMON_WORDS = (
+    "the of and to in is was for that with as on by it be at from his an are were this which "
+    "or had not but have they has one all he their its been new first two after who also more "
+    "other can when there her time into would some only over most many may these about such "
+    "she than between during where through three under then them up year both well world while "
+    "out years used city known made each people since being before part called same later him "
+    "how what like just get make good see way could day use work take back here think look "
+    "want give because very even any state school water hello model language neural engine "
+    "apple token layer weight test small large number system following however several include "
+    "quick brown fox jumps lazy dog"
+).split()
+
+# A few non-English pieces, so both the piece path and the byte-fallback path see non-ASCII text.
+FOREIGN_PIECES = (
+    "é", "è", "à", "ü", "ö", "ä", "ß", "ñ", "ç", "ø",
+    "а", "е", "и", "о", "н", "т", "р", "с", "в", "л", "к", "м", "д", "п",
+    f"{SPACE_MARKER}und", f"{SPACE_MARKER}der", f"{SPACE_MARKER}die", f"{SPACE_MARKER}le",
+    f"{SPACE_MARKER}la", f"{SPACE_MARKER}de", f"{SPACE_MARKER}el", f"{SPACE_MARKER}и",
+    f"{SPACE_MARKER}в", f"{SPACE_MARKER}на",
+)
+
+BYTE_PIECES = tuple(f"<0x{byte:02X}>" for byte in range(256))
+PRINTABLE = string.digits + string.ascii_letters + string.punctuation
+
+
+def _word_prefixes() -> Iterator[str]:
+    # Every prefix of a word is a piece, so sentencepiece merges can reach the whole word.
+    for word in COMMON_WORDS:
+        for form in (SPACE_MARKER + word, SPACE_MARKER + word.capitalize()):
+            for end in range(2, len(form) + 1):
+                yield form[:end]
+
+
+def _piece_candidates() -> Iterator[str]:
+    """Normal pieces in descending frequency order: characters, words, then letter n-grams."""
+    lower = string.ascii_lowercase
+    yield SPACE_MARKER
+    yield from PRINTABLE
+    yield from _word_prefixes()
+    yield from FOREIGN_PIECES
+    yield from (SPACE_MARKER + char for char in string.ascii_letters + string.digits)
+    yield from ("".join(pair) for pair in itertools.product(lower, repeat=2))
+    yield from (SPACE_MARKER + "".join(pair) for pair in itertools.product(lower, repeat=2))
+    yield from ("".join(triple) for triple in itertools.product(lower, repeat=3))
+
+
+def _unique(pieces: Iterator[str]) -> Iterator[str]:
+    seen: set[str] = set()
+    for piece in pieces:
+        if piece not in seen:
+            seen.add(piece)
+            yield piece
+
+
+# Pieces every vocabulary holds after its control and byte tokens: "▁" and the characters.
+MIN_PIECES = 1 + len(PRINTABLE)
+MAX_PIECES = sum(1 for _ in _unique(_piece_candidates()))
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """Control tokens at the start of the vocabulary and the ids llama.cpp should use."""
+
+    pieces: tuple[str, ...]
+    bos: str
+    eos: str
+    unk: str
+    pad: str
+    add_space_prefix: bool
+
+
+class SpmVocab(NamedTuple):
+    """A sentencepiece vocabulary as GGUF stores it: pieces, scores and token types."""
+
+    tokens: list[str]
+    scores: list[float]
+    token_types: list[int]
+
+
+def build_spm_vocab(n_vocab: int, special: SpecialTokens) -> SpmVocab:
+    """Control tokens, then the 256 byte tokens, then scored pieces up to `n_vocab` entries."""
+    tokens = list(special.pieces) + list(BYTE_PIECES)
+    types = [int(TokenType.UNKNOWN if piece == special.unk else TokenType.CONTROL) for piece in special.pieces]
+    types += [int(TokenType.BYTE)] * len(BYTE_PIECES)
+    scores = [0.0] * len(tokens)
+    pieces = list(itertools.islice(_unique(_piece_candidates()), n_vocab - len(tokens)))
+    tokens += pieces
+    # Sentencepiece scores are log-frequencies: earlier (more frequent) pieces merge first.
+    scores += [-float(rank) for rank in range(len(pieces))]
+    types += [int(TokenType.NORMAL)] * len(pieces)
+    return SpmVocab(tokens, scores, types)
+
+
+def _write_vocab(writer: GGUFWriter, vocab: SpmVocab, special: SpecialTokens) -> None:
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(vocab.tokens)
+    writer.add_token_scores(vocab.scores)
+    writer.add_token_types(vocab.token_types)
+    writer.add_bos_token_id(vocab.tokens.index(special.bos))
+    writer.add_eos_token_id(vocab.tokens.index(special.eos))
+    writer.add_unk_token_id(vocab.tokens.index(special.unk))
+    writer.add_pad_token_id(vocab.tokens.index(special.pad))
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)
+    writer.add_add_space_prefix(special.add_space_prefix)
+
+
+# ---------------------------------------------------------------------------------------
+# Architectures
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """One tensor to synthesize: llama.cpp name, numpy-order shape, how to draw it."""
+
+    name: str
+    shape: tuple[int, ...]
+    kind: str  # a key of SAMPLERS
+    gain: float = 1.0
+
+
+def _tensor_name(tensor: MODEL_TENSOR, layer: int | None = None) -> str:
+    base = TENSOR_NAMES[tensor]
+    return (base if layer is None else base.format(bid=layer)) + ".weight"
+
+
+@dataclass(frozen=True)
+class Gemma3Dims:
+    """A small Gemma 3: GQA, per-head q/k norms, sliding-window and global layers, tied LM head.
+
+    llama.cpp makes layer il global when il % 6 == 5, so the default 6 layers contain one
+    global layer (RoPE base `rope_freq_base`) among sliding ones (llama.cpp's fixed base
+    10000); a 64-token prompt crosses the 16-token window. head_dim * n_head != n_embd on
+    purpose, as in the real models.
+    """
+
+    ARCH: ClassVar[str] = "gemma3"
+    TOKENS: ClassVar[SpecialTokens] = SpecialTokens(
+        ("<pad>", "<eos>", "<bos>", "<unk>"),
+        bos="<bos>", eos="<eos>", unk="<unk>", pad="<pad>", add_space_prefix=False,
+    )
+
+    n_layer: int = 6
+    n_embd: int = 128
+    n_head: int = 4
+    n_head_kv: int = 2
+    head_dim: int = 64
+    n_ff: int = 384
+    n_vocab: int = 2048
+    n_ctx: int = 512
+    sliding_window: int = 16
+    rope_freq_base: float = 1_000_000.0
+    rms_eps: float = 1e-6
+
+    def problems(self) -> list[str]:
+        return _attention_problems(self) + _positive_problems(self, "sliding_window")
+
+    def write_hparams(self, writer: GGUFWriter) -> None:
+        writer.add_context_length(self.n_ctx)
+        writer.add_embedding_length(self.n_embd)
+        writer.add_block_count(self.n_layer)
+        writer.add_feed_forward_length(self.n_ff)
+        writer.add_head_count(self.n_head)
+        writer.add_head_count_kv(self.n_head_kv)
+        writer.add_key_length(self.head_dim)
+        writer.add_value_length(self.head_dim)
+        writer.add_layer_norm_rms_eps(self.rms_eps)
+        writer.add_rope_freq_base(self.rope_freq_base)
+        writer.add_sliding_window(self.sliding_window)
+
+    def tensor_plan(self) -> list[TensorPlan]:
+        embd, q_dim, kv_dim = self.n_embd, self.n_head * self.head_dim, self.n_head_kv * self.head_dim
+        plan = [
+            TensorPlan(_tensor_name(MODEL_TENSOR.TOKEN_EMBD), (self.n_vocab, embd), "embedding", LOGIT_STD),
+            TensorPlan(_tensor_name(MODEL_TENSOR.OUTPUT_NORM), (embd,), "norm"),
+        ]
+        for il in range(self.n_layer):
+            plan += [
+                TensorPlan(_tensor_name(MODEL_TENSOR.ATTN_NORM, il), (embd,), "norm"),
+                TensorPlan(_tensor_name(MODEL_TENSOR.ATTN_Q, il), (q_dim, embd), "linear"),
+                TensorPlan(_tensor_name(MODEL_TENSOR.ATTN_K, il), (kv_dim, embd), "linear"),
+                TensorPlan(_tensor_name(MODEL_TENSOR.ATTN_V, il), (kv_dim, embd), "linear"),
+                TensorPlan(_tensor_name(MODEL_TENSOR.ATTN_Q_NORM, il), (self.head_dim,), "norm"),
+                TensorPlan(_tensor_name(MODEL_TENSOR.ATTN_K_NORM, il), (self.head_dim,), "norm"),
+                TensorPlan(_tensor_name(MODEL_TENSOR.ATTN_OUT, il), (embd, q_dim), "linear"),
+                TensorPlan(_tensor_name(MODEL_TENSOR.ATTN_POST_NORM, il), (embd,), "norm"),
+                TensorPlan(_tensor_name(MODEL_TENSOR.FFN_NORM, il), (embd,), "norm"),
+                TensorPlan(_tensor_name(MODEL_TENSOR.FFN_GATE, il), (self.n_ff, embd), "linear"),
+                TensorPlan(_tensor_name(MODEL_TENSOR.FFN_UP, il), (self.n_ff, embd), "linear"),
+                TensorPlan(_tensor_name(MODEL_TENSOR.FFN_DOWN, il), (embd, self.n_ff), "linear"),
+                TensorPlan(_tensor_name(MODEL_TENSOR.FFN_POST_NORM, il), (embd,), "norm"),
+            ]
+        return plan
+
+
+@dataclass(frozen=True)
+class LlamaDims:
+    """A small Llama: GQA, NORM-style RoPE with `rope_freq_base`, SwiGLU, untied LM head by default."""
+
+    ARCH: ClassVar[str] = "llama"
+    TOKENS: ClassVar[SpecialTokens] = SpecialTokens(
+        ("<unk>", "<s>", "</s>", "<pad>"),
+        bos="<s>", eos="</s>", unk="<unk>", pad="<pad>", add_space_prefix=True,
+    )
+
+    n_layer: int = 4
+    n_embd: int = 128
+    n_head: int = 4
+    n_head_kv: int = 2
+    n_ff: int = 384
+    n_vocab: int = 2048
+    n_ctx: int = 512
+    rope_freq_base: float = 500_000.0
+    rms_eps: float = 1e-5
+    tied_embeddings: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def problems(self) -> list[str]:
+        problems = _attention_problems(self)
+        if self.n_head > 0 and self.n_embd % self.n_head:
+            problems.append(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+        return problems
+
+    def write_hparams(self, writer: GGUFWriter) -> None:
+        writer.add_context_length(self.n_ctx)
+        writer.add_embedding_length(self.n_embd)
+        writer.add_block_count(self.n_layer)
+        writer.add_feed_forward_length(self.n_ff)
+        writer.add_rope_dimension_count(self.head_dim)
+        writer.add_head_count(self.n_head)
+        writer.add_head_count_kv(self.n_head_kv)
+        writer.add_layer_norm_rms_eps(self.rms_eps)
+        writer.add_rope_freq_base(self.rope_freq_base)
+
+    def tensor_plan(self) -> list[TensorPlan]:
+        embd, kv_dim = self.n_embd, self.n_head_kv * self.head_dim
+        plan = [
+            TensorPlan(_tensor_name(MODEL_TENSOR.TOKEN_EMBD), (self.n_vocab, embd), "embedding", LOGIT_STD),
+            TensorPlan(_tensor_name(MODEL_TENSOR.OUTPUT_NORM), (embd,), "norm"),
+        ]
+        if not self.tied_embeddings:
+            plan.append(TensorPlan(_tensor_name(MODEL_TENSOR.OUTPUT), (self.n_vocab, embd), "linear", LOGIT_STD))
+        for il in range(self.n_layer):
+            plan += [
+                TensorPlan(_tensor_name(MODEL_TENSOR.ATTN_NORM, il), (embd,), "norm"),
+                # Without q/k norms, a gain above 1 keeps attention from being near-uniform.
+                TensorPlan(_tensor_name(MODEL_TENSOR.ATTN_Q, il), (embd, embd), "linear", 1.5),
+                TensorPlan(_tensor_name(MODEL_TENSOR.ATTN_K, il), (kv_dim, embd), "linear", 1.5),
+                TensorPlan(_tensor_name(MODEL_TENSOR.ATTN_V, il), (kv_dim, embd), "linear"),
+                TensorPlan(_tensor_name(MODEL_TENSOR.ATTN_OUT, il), (embd, embd), "linear"),
+                TensorPlan(_tensor_name(MODEL_TENSOR.FFN_NORM, il), (embd,), "norm"),
+                TensorPlan(_tensor_name(MODEL_TENSOR.FFN_GATE, il), (self.n_ff, embd), "linear"),
+                TensorPlan(_tensor_name(MODEL_TENSOR.FFN_UP, il), (self.n_ff, embd), "linear"),
+                TensorPlan(_tensor_name(MODEL_TENSOR.FFN_DOWN, il), (embd, self.n_ff), "linear"),
+            ]
+        return plan
+
+
+SynthDims = Gemma3Dims | LlamaDims
+
+ARCHITECTURES: dict[str, type[SynthDims]] = {cls.ARCH: cls for cls in (Gemma3Dims, LlamaDims)}
+
+
+def _positive_problems(dims: SynthDims, *names: str) -> list[str]:
+    return [f"{name} must be positive (got {getattr(dims, name)})" for name in names if getattr(dims, name) <= 0]
+
+
+def _attention_problems(dims: SynthDims) -> list[str]:
+    problems = _positive_problems(dims, "n_layer", "n_embd", "n_head", "n_head_kv", "n_ff", "n_ctx", "rope_freq_base", "rms_eps")
+    if problems:
+        return problems
+    if dims.n_head % dims.n_head_kv:
+        problems.append(f"n_head ({dims.n_head}) must be a multiple of n_head_kv ({dims.n_head_kv})")
+    if dims.head_dim <= 0 or dims.head_dim % 2:
+        problems.append(f"head_dim must be positive and even for RoPE (got {dims.head_dim})")
+    return problems
+
+
+def synthetic_dims(arch: str, path: str | Path | None = None, layers: int | None = None, **dims) -> SynthDims:
+    """The validated dims of a synthetic model: the architecture's defaults with overrides.
+
+    `path` only names the file in error messages.
+    """
+    if arch not in ARCHITECTURES:
+        raise AnepackError(path, f"unknown synthetic architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+    cls = ARCHITECTURES[arch]
+    known = {field.name for field in dataclasses.fields(cls)}
+    unknown = sorted(set(dims) - known)
+    if unknown:
+        raise AnepackError(path, f"unknown {arch} dimension(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    if layers is not None:
+        dims["n_layer"] = layers
+    result = cls(**dims)
+    problems = result.problems()
+    fixed = len(cls.TOKENS.pieces) + len(BYTE_PIECES)
+    if not fixed + MIN_PIECES <= result.n_vocab <= fixed + MAX_PIECES:
+        problems.append(
+            f"n_vocab must be between {fixed + MIN_PIECES} (control, byte and character tokens) "
+            f"and {fixed + MAX_PIECES} (got {result.n_vocab})"
+        )
+    if problems:
+        raise AnepackError(path, "; ".join(problems))
+    return result
+
+
+def parameter_count(dims: SynthDims) -> int:
+    """Number of weights the model stores (a tied LM head is counted once)."""
+    return sum(math.prod(tensor.shape) for tensor in dims.tensor_plan())
+
+
+# ---------------------------------------------------------------------------------------
+# Weights
+
+
+def _student_t(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Unit-variance Student-t samples."""
+    return rng.standard_t(STUDENT_T_DF, size=shape) / math.sqrt(STUDENT_T_DF / (STUDENT_T_DF - 2))
+
+
+def _linear(rng: np.random.Generator, shape: tuple[int, ...], gain: float) -> np.ndarray:
+    """Heavy-tailed weight with a few boosted input channels; unit-RMS input gives output std `gain`."""
+    n_in = shape[-1]
+    weight = _student_t(rng, shape)
+    channels = rng.choice(n_in, size=min(OUTLIER_CHANNELS, n_in), replace=False)
+    boost = rng.uniform(*OUTLIER_BOOST, size=channels.size)
+    weight[..., channels] *= boost
+    # Rescale so the boosted columns do not inflate the layer's output variance.
+    return weight * (gain / math.sqrt(n_in - channels.size + float(np.sum(boost**2))))
+
+
+def _embedding(rng: np.random.Generator, shape: tuple[int, ...], gain: float) -> np.ndarray:
+    # No outlier columns: a boosted hidden dim would dominate every tied-head logit row alike.
+    return _student_t(rng, shape) * (gain / math.sqrt(shape[-1]))
+
+
+def _norm(rng: np.random.Generator, shape: tuple[int, ...], gain: float) -> np.ndarray:
+    # Positive gains around `gain` (GGUF Gemma norms already include the +1).
+    return gain * np.exp(NORM_GAIN_SPREAD * rng.standard_normal(shape))
+
+
+SAMPLERS = {"linear": _linear, "embedding": _embedding, "norm": _norm}
+
+
+def synthesize_tensor(plan: TensorPlan, seed: int) -> np.ndarray:
+    """The float32 values of one planned tensor; depends only on (seed, name, shape, kind)."""
+    rng = np.random.default_rng([seed, zlib.crc32(plan.name.encode())])
+    return SAMPLERS[plan.kind](rng, plan.shape, plan.gain).astype(np.float32)
+
+
+def _stored(values: np.ndarray, weight_type: WeightType) -> tuple[np.ndarray, GGMLQuantizationType]:
+    """The array GGUFWriter takes for a tensor, and its GGML type: 1-D tensors stay F32."""
+    if values.ndim < 2:
+        return values, GGMLQuantizationType.F32
+    return quantize(values, weight_type.ggml_type), weight_type.ggml_type
+
+
+# ---------------------------------------------------------------------------------------
+# File
+
+
+def write_synthetic_gguf(
+    path: str | Path,
+    arch: str = "gemma3",
+    *,
+    layers: int | None = None,
+    seed: int = 0,
+    weight_type: str = "f32",
+    **dims,
+) -> Path:
+    """Write a synthetic `arch` model to `path` atomically and return the path.
+
+    Same arguments, same bytes. `dims` override the fields of the architecture's dims class
+    (e.g. n_embd=256, sliding_window=8, tied_embeddings=True for llama).
+    """
+    out = Path(path)
+    model = synthetic_dims(arch, out, layers, **dims)
+    if not isinstance(seed, int) or seed < 0:
+        raise AnepackError(out, f"seed must be a non-negative integer (got {seed!r})")
+    if weight_type not in WEIGHT_TYPES:
+        raise AnepackError(out, f"unknown weight type {weight_type!r}; choose one of {', '.join(WEIGHT_TYPES)}")
+    stored_as = WEIGHT_TYPES[weight_type]
+    plan = model.tensor_plan()
+    block = GGML_QUANT_SIZES[stored_as.ggml_type][0]
+    misaligned = sorted({t.shape[-1] for t in plan if len(t.shape) >= 2 and t.shape[-1] % block})
+    if misaligned:
+        raise AnepackError(out, f"{weight_type} needs row lengths divisible by {block}; these are not: {misaligned}")
+    if not out.parent.is_dir():
+        raise AnepackError(out, "the output directory does not exist")
+
+    staging = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        writer = GGUFWriter(staging, model.ARCH)
+        writer.add_name(f"anepack synthetic {model.ARCH} (seed {seed})")
+        writer.add_file_type(int(stored_as.file_type))
+        writer.add_quantization_version(2)
+        model.write_hparams(writer)
+        _write_vocab(writer, build_spm_vocab(model.n_vocab, model.TOKENS), model.TOKENS)
+        for tensor in plan:
+            stored, ggml_type = _stored(synthesize_tensor(tensor, seed), stored_as)
+            writer.add_tensor(tensor.name, stored, raw_dtype=ggml_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(staging, out)
+    finally:
+        staging.unlink(missing_ok=True)
+    return out

@@ -1,0 +1,22 @@
+"""Session fixtures shared by the test modules: the default model and its F32 copy, made once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from anepack.source.default_model import default_model_path as _default_model_path
+from anepack.source.dequant import dequantize_gguf
+
+
+@pytest.fixture(scope="session")
+def default_model_path() -> Path:
+    """Gemma 3 270M Q4_K_M from the PyPI package (assembled into the cache on first use)."""
+    return _default_model_path()
+
+
+@pytest.fixture(scope="session")
+def default_model_f32_path(default_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default model with every tensor dequantized to F32: llama.cpp then runs exact weights."""
+    return dequantize_gguf(default_model_path, tmp_path_factory.mktemp("default-f32") / "gemma3-270m-f32.gguf", "f32")
