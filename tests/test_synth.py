@@ -19,7 +19,7 @@ from anepack.errors import AnepackError
 
 ENGLISH = "The quick brown fox jumps over the lazy dog, and the model runs on the neural engine."
 NON_ENGLISH = "Grüße aus Köln! Привет, мир. 東京で寿司を食べた。 ¿Qué tal? 🙂"
-# About 70 tokens: crosses gemma3's 16-token sliding window several times.
+# About 60 tokens: crosses gemma3's 16-token sliding window several times.
 PROMPT = (
     "When the small model reads a long prompt, each layer sees only the last few tokens, "
     "except the global layer, which sees the whole sequence from the first word to the last."
@@ -35,6 +35,10 @@ def _reader_tensor(reader: gguf.GGUFReader, name: str) -> np.ndarray:
 def _excess_kurtosis(values: np.ndarray) -> float:
     centered = values.astype(np.float64).ravel() - values.mean()
     return float(np.mean(centered**4) / np.mean(centered**2) ** 2 - 3.0)
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 
 
 def _llama_cpp_logits(path, prompt: str) -> tuple[list[int], np.ndarray]:
@@ -70,17 +74,27 @@ def test_llama_cpp_runs_the_model_with_non_degenerate_logits(model):
     tokens, logits = _llama_cpp_logits(model, PROMPT)
     reader = gguf.GGUFReader(model)
     arch = reader.fields["general.architecture"].contents()
-    assert len(tokens) > 64
+    assert len(tokens) > 48
     if arch == "gemma3":
         # llama.cpp makes layer 5 global; the prompt is longer than several sliding windows.
         assert reader.fields["gemma3.block_count"].contents() >= 6
-        assert len(tokens) > 4 * reader.fields["gemma3.attention.sliding_window"].contents()
+        assert len(tokens) > 3 * reader.fields["gemma3.attention.sliding_window"].contents()
     assert np.isfinite(logits).all()
     top = logits.argmax(axis=1)
     assert len(set(top.tolist())) >= len(tokens) // 4
     assert logits.std(axis=1).min() > 1.0
-    unit = logits / np.linalg.norm(logits, axis=1, keepdims=True)
-    assert (unit[1:] * unit[:-1]).sum(axis=1).max() < 0.95
+    assert _cosines(logits[1:], logits[:-1]).mean() < 0.8
+
+
+def test_llama_cpp_applies_the_sliding_window_to_the_gemma3_model(model_dir):
+    windowed = synth.write_synthetic_gguf(model_dir / "window16.gguf", "gemma3", seed=7, sliding_window=16)
+    unwindowed = synth.write_synthetic_gguf(model_dir / "window512.gguf", "gemma3", seed=7, sliding_window=512)
+    _, narrow = _llama_cpp_logits(windowed, PROMPT)
+    _, wide = _llama_cpp_logits(unwindowed, PROMPT)
+    cosines = _cosines(narrow, wide)
+    # Same weights: identical while the prompt fits in the window, different once it does not.
+    assert cosines[:16].min() > 0.99999
+    assert cosines[16:].mean() < 0.9
 
 
 def test_tied_option_drops_the_output_tensor(model_dir):
@@ -132,22 +146,27 @@ def test_weight_statistics_are_heavy_tailed_with_outlier_channels(model_dir):
         assert _excess_kurtosis(weight) > 1.0, name
     for name in ("blk.0.attn_k.weight", "blk.1.ffn_gate.weight", "blk.0.attn_output.weight"):
         weight = _reader_tensor(reader, name)
-        per_input_channel = np.abs(weight).max(axis=0) / weight.std()
-        assert per_input_channel.max() >= 10.0, name
-        # Only a few channels are outliers; the median channel is ordinary.
-        assert np.median(per_input_channel) < 6.0, name
-    for name in ("output_norm.weight", "blk.0.attn_q_norm.weight", "blk.1.post_attention_norm.weight"):
+        assert (np.abs(weight).max(axis=0) / weight.std()).max() >= 10.0, name
+        # Whole input channels stand out (not just single heavy-tailed values), and only a few.
+        channel_rms = np.sqrt((weight**2).mean(axis=0))
+        ratio = channel_rms / np.median(channel_rms)
+        assert ratio.max() >= 4.0 and np.sum(ratio > 2.0) <= 4, name
+    for name in ("output_norm.weight", "blk.0.attn_q_norm.weight", "blk.1.ffn_norm.weight"):
         gains = _reader_tensor(reader, name)
         # GGUF Gemma norm weights already include the +1, so they sit around 1.
         assert gains.min() > 0 and 0.8 < gains.mean() < 1.25, name
+    for name in ("blk.0.post_attention_norm.weight", "blk.1.post_ffw_norm.weight"):
+        assert _reader_tensor(reader, name).min() > 1.5, name
 
 
 @pytest.mark.parametrize(("weight_type", "ggml_type", "max_relative_error"), [
     ("f16", gguf.GGMLQuantizationType.F16, 1e-3),
-    ("q8_0", gguf.GGMLQuantizationType.Q8_0, 0.01),
-    ("q4_0", gguf.GGMLQuantizationType.Q4_0, 0.2),
+    ("q8_0", gguf.GGMLQuantizationType.Q8_0, 0.02),
+    ("q4_0", gguf.GGMLQuantizationType.Q4_0, 0.25),
 ])
 def test_quantized_types_store_the_same_weights(tmp_path, weight_type, ggml_type, max_relative_error):
+    # Bounds: f16 rounding is ~2e-4 relative; a 32-value block rounds to (absmax / levels), and
+    # the outlier channels raise absmax, so q8_0 reaches ~1% and q4_0 ~15% here.
     exact = gguf.GGUFReader(synth.write_synthetic_gguf(tmp_path / "f32.gguf", "llama", layers=1, seed=5))
     stored = gguf.GGUFReader(synth.write_synthetic_gguf(tmp_path / "q.gguf", "llama", layers=1, seed=5, weight_type=weight_type))
     for tensor in stored.tensors:
@@ -162,14 +181,13 @@ def test_llama_cpp_reads_q8_0_weights_like_the_f32_ones(tmp_path):
     q8 = synth.write_synthetic_gguf(tmp_path / "q8.gguf", "gemma3", seed=2, weight_type="q8_0")
     _, exact = _llama_cpp_logits(f32, PROMPT)
     _, quantized = _llama_cpp_logits(q8, PROMPT)
-    cosine = (exact * quantized).sum(axis=1) / np.linalg.norm(exact, axis=1) / np.linalg.norm(quantized, axis=1)
-    assert cosine.min() > 0.99
+    assert _cosines(exact, quantized).min() > 0.99
 
 
 @pytest.mark.parametrize(("arch", "dims", "problem"), [
     ("gemma3", {"n_head_kv": 3}, "must be a multiple of n_head_kv"),
     ("gemma3", {"head_dim": 33}, "head_dim must be positive and even"),
-    ("llama", {"n_embd": 100}, "must be a multiple of n_head"),
+    ("llama", {"n_embd": 130}, "n_embd (130) must be a multiple of n_head (4)"),
     ("llama", {"n_vocab": 100}, "n_vocab must be between"),
     ("llama", {"n_experts": 4}, "unknown llama dimension(s) n_experts"),
     ("gemma4", {}, "unknown synthetic architecture"),

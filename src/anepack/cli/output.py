@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -14,7 +16,8 @@ from rich.console import Console
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of tables.")
 model_argument = click.argument("model", required=False, type=click.Path(dir_okay=False))
 
-console = Console()
+# Piped output keeps whole rows: rich would otherwise wrap every table at 80 columns.
+console = Console(width=None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", 200)))
 err_console = Console(stderr=True)
 
 

@@ -80,7 +80,9 @@ def quantize(
     fmt = parse_format(fmt)
     weight = np.asarray(weight, dtype=np.float32)
     if weight.ndim not in (2, 3) or weight.size == 0:
-        raise FormatSpecError(None, f"{fmt.spec} quantizes [Cout, Cin] or [E, Cout, Cin] weights, got shape {weight.shape}")
+        raise FormatSpecError(
+            None, f"{fmt.spec} needs a [Cout, Cin] or [E, Cout, Cin] weight, got {weight.shape}"
+        )
     if not np.isfinite(weight).all():
         raise AnepackError(None, "weight contains NaN or infinity")
     importance = _checked_importance(importance, weight.shape)
@@ -91,9 +93,10 @@ def quantize(
     if whole_bank:
         shared = None if importance is None else importance.mean(axis=0)
         return quantizer(weight.reshape(experts * rows, cols), fmt, shared).split_leading(experts)
-    return QuantizedTensor.stack(
-        [quantizer(weight[e], fmt, None if importance is None else importance[e]) for e in range(experts)]
-    )
+    return QuantizedTensor.stack([
+        quantizer(weight[e], fmt, None if importance is None else importance[e])
+        for e in range(experts)
+    ])
 
 
 def _checked_importance(importance, shape):
@@ -105,7 +108,9 @@ def _checked_importance(importance, shape):
         importance = np.broadcast_to(importance, (shape[0], columns))
     expected = (columns,) if len(shape) == 2 else (shape[0], columns)
     if importance.shape != expected:
-        raise AnepackError(None, f"importance shape {importance.shape} does not match weight {shape}: expected {expected}")
+        raise AnepackError(
+            None, f"importance has shape {importance.shape}; a weight {shape} needs {expected}"
+        )
     if not np.isfinite(importance).all() or (importance < 0).any():
         raise AnepackError(None, "importance must be finite and >= 0")
     return importance

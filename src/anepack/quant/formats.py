@@ -121,7 +121,7 @@ class LutFormat:
 
     def __post_init__(self):
         if self.nbits not in LUT_NBITS:
-            raise FormatSpecError(None, f"LUT indices have 1, 2, 3, 4, 6 or 8 bits, not {self.nbits}")
+            raise FormatSpecError(None, f"LUT indices have {LUT_NBITS} bits, not {self.nbits}")
         if self.group_size < 0:
             raise FormatSpecError(None, f"LUT group size must be positive, not {self.group_size}")
 
@@ -144,10 +144,6 @@ class LutFormat:
     def entries(self) -> int:
         return 2**self.nbits
 
-    @property
-    def vector_size(self) -> int:
-        return 1
-
 
 @dataclass(frozen=True)
 class VectorLutFormat:
@@ -161,7 +157,7 @@ class VectorLutFormat:
 
     def __post_init__(self):
         if self.nbits not in LUT_NBITS:
-            raise FormatSpecError(None, f"LUT indices have 1, 2, 3, 4, 6 or 8 bits, not {self.nbits}")
+            raise FormatSpecError(None, f"LUT indices have {LUT_NBITS} bits, not {self.nbits}")
         if self.vector_size < 2:
             raise FormatSpecError(None, "a vector LUT needs vectors of at least 2 values")
 
@@ -179,18 +175,6 @@ class VectorLutFormat:
     @property
     def entries(self) -> int:
         return 2**self.nbits
-
-    @property
-    def group_size(self) -> int:
-        return 0
-
-    @property
-    def per_channel_scale(self) -> bool:
-        return False
-
-    @property
-    def int8_lut(self) -> bool:
-        return False
 
 
 Format = Union[Float16Format, LinearFormat, LutFormat, VectorLutFormat]

@@ -28,6 +28,7 @@ import numpy as np
 # prefix sums and the exact search's temporaries stay in the low hundreds of megabytes.
 _CHUNK_ELEMENTS = 1 << 23
 _EXACT_CHUNK_ELEMENTS = 1 << 20
+_LABEL_BLOCK_ELEMENTS = 1 << 18
 
 # Lloyd iterations are cheap (O(k log n) per group), so every start runs to convergence;
 # this cap only bounds pathological slow creeps, which then keep their best-so-far result.
@@ -103,14 +104,15 @@ class _SortedGroups:
 
     Prefix arrays have ``n + 1`` columns: entry ``i`` sums the first ``i`` sorted elements.
     Values are shifted by each group's median before summing so that differences of large
-    prefix sums keep float64 precision.
+    prefix sums keep float64 precision. A run's squared error is its second moment minus
+    ``W mean^2``; second moments telescope to a per-group constant over any partition, so
+    comparing partitions needs only ``sum W mean^2`` and no second-moment sums are kept.
     """
 
     sorted_values: np.ndarray  # float32 [G, n]
     shift: np.ndarray  # float64 [G, 1]
     weight_sum: np.ndarray | None  # float64 [G, n + 1]; None when every weight is 1
     first_moment: np.ndarray  # float64 [G, n + 1]
-    second_moment: np.ndarray  # float64 [G, n + 1]
 
     @classmethod
     def build(cls, values: np.ndarray, weights: np.ndarray | None) -> _SortedGroups:
@@ -125,14 +127,11 @@ class _SortedGroups:
             sorted_weights = np.take_along_axis(weights, order, axis=1)
             weight_sum = _prefix_sum(sorted_weights)
         shift = sorted_values[:, n // 2 : n // 2 + 1].astype(np.float64)
-        centred = sorted_values - shift
-        weighted = centred * sorted_weights
         return cls(
             sorted_values=sorted_values,
             shift=shift,
             weight_sum=weight_sum,
-            first_moment=_prefix_sum(weighted),
-            second_moment=_prefix_sum(weighted * centred),
+            first_moment=_prefix_sum((sorted_values - shift) * sorted_weights),
         )
 
     @property
@@ -193,11 +192,22 @@ def _gather(table: np.ndarray, rows: np.ndarray, columns: np.ndarray) -> np.ndar
 
 
 def _nearest_labels(values: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    """Index of the nearest centroid (the lower one on a tie) for every element, per group."""
+    """Index of the nearest centroid (the lower one on a tie) for every element, per group.
+
+    The label is the count of midpoints strictly below the value. Each float64 midpoint is
+    rounded down to float32, which keeps that comparison exact for float32 values, and the
+    groups go in small blocks so the k - 1 comparison passes read from cache.
+    """
     midpoints = (centroids[:, :-1].astype(np.float64) + centroids[:, 1:]) / 2.0
-    labels = np.empty(values.shape, dtype=np.uint8)
-    for group, (row, row_midpoints) in enumerate(zip(values, midpoints)):
-        labels[group] = np.searchsorted(row_midpoints, row, side="left")
+    thresholds = midpoints.astype(np.float32)
+    rounded_up = thresholds > midpoints
+    thresholds[rounded_up] = np.nextafter(thresholds[rounded_up], np.float32(-np.inf))
+    labels = np.zeros(values.shape, dtype=np.uint8)
+    block = max(1, _LABEL_BLOCK_ELEMENTS // values.shape[1])
+    for start in range(0, values.shape[0], block):
+        rows = slice(start, start + block)
+        for column in range(thresholds.shape[1]):
+            labels[rows] += values[rows] > thresholds[rows, column : column + 1]
     return labels
 
 
@@ -234,13 +244,13 @@ def _refined_boundaries(groups: _SortedGroups, k: int) -> np.ndarray:
     neighbours), and a final Lloyd pass settles the result on a fixed point.
     """
     boundaries = _lloyd(groups, _companding_start(groups, k))
-    if k > 2:
+    if k >= 2:
         boundaries = _lloyd(groups, _windowed_search(groups, boundaries))
     return boundaries
 
 
 def _companding_start(groups: _SortedGroups, k: int) -> np.ndarray:
-    """Boundaries at equal steps of the integral of density^(1 - _COMPANDING_EXPONENT).
+    """Boundaries at equal steps of the integral of density^_COMPANDING_EXPONENT.
 
     High-resolution theory (Panter-Dite) puts optimal boundaries at equal steps of
     density^(1/3); heavy-tailed weight groups are better served by a slightly flatter
@@ -302,8 +312,8 @@ def _reseeded_means(groups: _SortedGroups, rows: np.ndarray, boundaries: np.ndar
     if filled.all():
         return means
     n = groups.n
-    first = np.take_along_axis(groups.sorted_values, np.minimum(boundaries[:, :-1], n - 1), axis=1)
-    last = np.take_along_axis(groups.sorted_values, np.maximum(boundaries[:, 1:] - 1, 0), axis=1)
+    first = _gather(groups.sorted_values, rows, np.minimum(boundaries[:, :-1], n - 1))
+    last = _gather(groups.sorted_values, rows, np.maximum(boundaries[:, 1:] - 1, 0))
     end_points = np.concatenate([first, last], axis=1) - groups.shift[rows]
     twice_means = np.concatenate([means, means], axis=1)
     twice_filled = np.concatenate([filled, filled], axis=1)
@@ -374,34 +384,35 @@ def _run_score(weight: np.ndarray, moment: np.ndarray) -> np.ndarray:
 def _exact_boundaries(groups: _SortedGroups, k: int) -> np.ndarray:
     """Boundaries ``[G, k + 1]`` of an optimal clustering of every group.
 
-    ``cost[m][i]`` is the least error of the first ``split i`` elements in ``m`` clusters
-    (empty clusters allowed, so ``k`` beyond the number of distinct values is fine); the
-    best previous split is non-decreasing in ``i`` because the cluster error matrix is
-    Monge, which is what lets each layer be solved by divide and conquer.
+    ``best[m][i]``, the largest ``sum W mean^2`` (least error) of the first ``i`` candidate
+    runs in ``m`` clusters, is a row maximum over ``j <= i`` of ``best[m-1][j] +
+    score(j, i)``; empty clusters are allowed, so ``k`` beyond the number of distinct values
+    is fine. The error matrix is Monge, so the leftmost best ``j`` is non-decreasing in
+    ``i``, which lets each layer be solved by divide and conquer in ``O(n log n)``.
     """
     splits = groups.splits()
-    rows = np.arange(splits.shape[0])
-    weight = groups.weight_before(rows, splits)
-    first = groups.moment_before(rows, splits)
-    second = np.take_along_axis(groups.second_moment, splits, axis=1)
     n_groups, width = splits.shape
-    prefix = (weight.ravel(), first.ravel(), second.ravel())
+    rows = np.arange(n_groups)
+    prefix = (
+        groups.weight_before(rows, splits).ravel(),
+        groups.moment_before(rows, splits).ravel(),
+    )
     row_start = (np.arange(n_groups, dtype=np.int64) * width)[:, None]
+    columns = np.arange(width)
 
-    cost = _run_error(prefix, row_start + 0, row_start + np.arange(width)).reshape(n_groups, width)
+    best = _flat_run_score(prefix, row_start, row_start + columns).reshape(n_groups, width)
     choices = []
     for _ in range(k - 2):
-        cost, choice = _monotone_layer(cost, prefix)
+        best, choice = _monotone_layer(best, prefix)
         choices.append(choice)
 
     boundaries = np.empty((n_groups, k + 1), dtype=np.int64)
     boundaries[:, 0] = 0
     boundaries[:, k] = width - 1
     if k >= 2:
-        # The last layer needs only the full-length entry: one dense row minimum per group.
-        candidates = row_start + np.arange(width)
-        last = cost + _run_error(prefix, candidates, row_start + (width - 1)).reshape(cost.shape)
-        boundaries[:, k - 1] = np.argmin(last, axis=1)
+        # The last layer needs only the full-length entry: one dense row maximum per group.
+        last = best + _flat_run_score(prefix, row_start + columns, row_start + width - 1)
+        boundaries[:, k - 1] = np.argmax(last, axis=1)
     for layer in range(k - 2, 0, -1):
         boundaries[:, layer] = np.take_along_axis(
             choices[layer - 1], boundaries[:, layer + 1 : layer + 2], axis=1
@@ -409,29 +420,24 @@ def _exact_boundaries(groups: _SortedGroups, k: int) -> np.ndarray:
     return np.take_along_axis(splits, boundaries, axis=1)
 
 
-def _run_error(prefix, start, stop):
-    """Weighted squared error of the runs ``[start, stop)`` given flat prefix-sum indices."""
-    weight, first, second = prefix
-    run_weight = weight[stop] - weight[start]
-    run_first = first[stop] - first[start]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        spread = run_first * run_first / run_weight
-    error = (second[stop] - second[start]) - np.where(run_weight > 0, spread, 0.0)
-    # Cancellation can leave a tiny negative error for a run of equal values.
-    return np.maximum(error, 0.0)
+def _flat_run_score(prefix, start, stop):
+    """``W mean^2`` (shifted) of the runs ``[start, stop)``, given flat prefix-sum indices."""
+    weight, moment = prefix
+    return _run_score(weight[stop] - weight[start], moment[stop] - moment[start])
 
 
 def _monotone_layer(previous: np.ndarray, prefix) -> tuple[np.ndarray, np.ndarray]:
-    """One DP layer: ``min_j previous[j] + error(j, i)`` and its leftmost argmin, for all i.
+    """One DP layer: ``max_j previous[j] + score(j, i)`` and its leftmost argmax, for all i.
 
     Every group and every open subproblem of a recursion level is one segment of a flat
-    candidate array; a segment's row minimum is found by ``reduceat``, then the segment
-    splits in two with the argmin bounding both halves' candidates.
+    candidate array; a segment's row maximum is found by ``reduceat``, then the segment
+    splits in two with the argmax bounding both halves' candidates. The three per-candidate
+    inputs sit side by side in one table so that each level gathers once.
     """
     n_groups, width = previous.shape
-    flat_previous = previous.ravel()
+    table = np.stack([previous.ravel(), *prefix], axis=1)
     best = np.empty(n_groups * width, dtype=np.float64)
-    choice = np.empty(n_groups * width, dtype=np.int32 if width < 2**31 else np.int64)
+    choice = np.empty(n_groups * width, dtype=np.int64)
 
     row_start = np.arange(n_groups, dtype=np.int64) * width
     low = np.zeros(n_groups, dtype=np.int64)  # range of i in this segment (inclusive)
@@ -440,21 +446,24 @@ def _monotone_layer(previous: np.ndarray, prefix) -> tuple[np.ndarray, np.ndarra
     last_candidate = np.full(n_groups, width - 1, dtype=np.int64)
     while row_start.size:
         middle = (low + high) >> 1
-        top = np.minimum(last_candidate, middle)
-        counts = top - first_candidate + 1
+        counts = np.minimum(last_candidate, middle) - first_candidate + 1
         offsets = np.cumsum(counts) - counts
         segment = np.repeat(np.arange(counts.size), counts)
-        candidate = np.arange(int(counts.sum()), dtype=np.int64)
+        candidate = np.arange(offsets[-1] + counts[-1], dtype=np.int64)
         candidate += (row_start + first_candidate - offsets)[segment]
-        end = (row_start + middle)[segment]
-        total = flat_previous[candidate] + _run_error(prefix, candidate, end)
+        # np.take along axis 0 copies whole rows; plain fancy indexing of a 2-D table is
+        # several times slower.
+        start_rows = np.take(table, candidate, axis=0)
+        end_rows = np.take(np.take(table, row_start + middle, axis=0), segment, axis=0)
+        total = start_rows[:, 0] + _run_score(
+            end_rows[:, 1] - start_rows[:, 1], end_rows[:, 2] - start_rows[:, 2]
+        )
 
-        minimum = np.minimum.reduceat(total, offsets)
-        is_min = total == minimum[segment]
-        argmin = np.minimum.reduceat(np.where(is_min, candidate, np.iinfo(np.int64).max), offsets)
-        best[row_start + middle] = minimum
-        argmin -= row_start
-        choice[row_start + middle] = argmin
+        maximum = np.maximum.reduceat(total, offsets)
+        hits = np.flatnonzero(total == maximum[segment])
+        argmax = candidate[hits[np.searchsorted(hits, offsets)]] - row_start
+        best[row_start + middle] = maximum
+        choice[row_start + middle] = argmax
 
         left = low < middle
         right = middle < high
@@ -464,7 +473,7 @@ def _monotone_layer(previous: np.ndarray, prefix) -> tuple[np.ndarray, np.ndarra
             np.concatenate([middle[left] - 1, high[right]]),
         )
         first_candidate, last_candidate = (
-            np.concatenate([first_candidate[left], argmin[right]]),
-            np.concatenate([argmin[left], last_candidate[right]]),
+            np.concatenate([first_candidate[left], argmax[right]]),
+            np.concatenate([argmax[left], last_candidate[right]]),
         )
     return best.reshape(n_groups, width), choice.reshape(n_groups, width)

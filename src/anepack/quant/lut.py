@@ -27,7 +27,9 @@ _VECTOR_LLOYD_STEPS = 40
 _VECTOR_CHUNK = 1 << 18
 
 
-def lut_to_dense(indices: np.ndarray, lut: np.ndarray, vector_axis: int | None = None) -> np.ndarray:
+def lut_to_dense(
+    indices: np.ndarray, lut: np.ndarray, vector_axis: int | None = None
+) -> np.ndarray:
     """Core ML's ``constexpr_lut_to_dense``: ``lut`` has rank ``indices.ndim + 2``,
     ``[groups per axis..., 2^nbits, vector_size]``; each indices dim is a multiple of the
     LUT's group count there. Vectors are laid out along ``vector_axis`` (``out[..., i*V + j,
@@ -138,18 +140,20 @@ def quantize_lut(
         raise FormatSpecError(None, f"{fmt.spec} needs Cout divisible by {group}, got {rows} rows")
     channel_scale = None
     values = weight
-    # Per-element error weights: importance per column, times the square of the row scale
-    # when clustering normalized rows (an error e there is an error e * scale in the weight).
-    error_weights = None if importance is None else np.asarray(importance, np.float32)[None, :]
+    column_weights = None if importance is None else np.asarray(importance, np.float32)
+    # Per-element error weights for k-means, kept as one group-long row when all groups
+    # share them (importance per column); with a per-channel scale, an error e in the
+    # normalized row is an error e * scale in the weight, so each row weighs scale^2 more.
+    error_weights = None if column_weights is None else np.tile(column_weights, group)[None, :]
     if fmt.per_channel_scale:
         channel_scale = float16_scale(np.abs(weight).max(axis=1, keepdims=True))
         row_scale = channel_scale.astype(np.float32)
         values = weight / row_scale
-        row_weight = row_scale * row_scale
-        error_weights = row_weight if error_weights is None else error_weights * row_weight
+        row_weights = np.broadcast_to(row_scale * row_scale, (rows, cols))
+        if column_weights is not None:
+            row_weights = row_weights * column_weights
+        error_weights = row_weights.reshape(rows // group, group * cols)
     grouped = values.reshape(rows // group, group * cols)
-    if error_weights is not None:
-        error_weights = np.broadcast_to(error_weights, (rows, cols)).reshape(grouped.shape)
     centroids, _ = kmeans_1d(grouped, fmt.entries, error_weights)
     lut, lut_scale, decoded = _stored_lut(centroids, fmt.int8_lut)
     indices = _nearest_sorted(grouped, decoded).reshape(rows, cols)
@@ -183,12 +187,16 @@ def _plus_plus_start(vectors: np.ndarray, k: int, rng: np.random.Generator) -> n
     """k-means++ seeds drawn from a random sample of the vectors."""
     sample = vectors[rng.choice(len(vectors), size=min(len(vectors), 64 * k), replace=False)]
     centroids = [sample[rng.integers(len(sample))]]
-    distance = np.sum((sample - centroids[0]) ** 2, axis=1)
+    distance = np.sum((sample - centroids[0]) ** 2, axis=1, dtype=np.float64)
     for _ in range(k - 1):
         total = distance.sum()
-        pick = rng.choice(len(sample), p=distance / total) if total > 0 else rng.integers(len(sample))
+        if total > 0:
+            pick = rng.choice(len(sample), p=distance / total)
+        else:
+            pick = rng.integers(len(sample))
         centroids.append(sample[pick])
-        distance = np.minimum(distance, np.sum((sample - sample[pick]) ** 2, axis=1))
+        to_pick = np.sum((sample - sample[pick]) ** 2, axis=1, dtype=np.float64)
+        distance = np.minimum(distance, to_pick)
     return np.array(centroids, dtype=np.float32)
 
 
@@ -201,7 +209,8 @@ def weighted_vector_kmeans(
     at the vector with the largest weighted error, so every centroid stays in use.
     """
     rng = np.random.default_rng(seed)
-    weights = np.ones(len(vectors), np.float32) if weights is None else weights.astype(np.float32)
+    if weights is None:
+        weights = np.ones(len(vectors), np.float32)
     centroids = _plus_plus_start(vectors, k, rng)
     labels = None
     for _ in range(_VECTOR_LLOYD_STEPS):
@@ -212,7 +221,8 @@ def weighted_vector_kmeans(
         mass = np.bincount(labels, weights=weights, minlength=k)
         for dim in range(vectors.shape[1]):
             total = np.bincount(labels, weights=weights * vectors[:, dim], minlength=k)
-            centroids[:, dim] = np.where(mass > 0, total / np.where(mass > 0, mass, 1.0), centroids[:, dim])
+            filled = mass > 0
+            centroids[filled, dim] = total[filled] / mass[filled]
         for empty in np.flatnonzero(mass == 0):
             worst = np.argmax(weights * distances)
             centroids[empty] = vectors[worst]

@@ -118,7 +118,10 @@ class QuantizedTensor(abc.ABC):
         """One tensor from per-expert tensors: every array gains a leading expert axis, so
         each expert keeps its own scales/LUTs (block size 1 along the expert axis)."""
         first = parts[0]
-        arrays = {name: np.stack([getattr(p, name) for p in parts]) for name in first._array_fields()}
+        arrays = {
+            name: np.stack([getattr(part, name) for part in parts])
+            for name in first._array_fields()
+        }
         return first._with_leading_axis(arrays)
 
     def split_leading(self, experts: int) -> "QuantizedTensor":

@@ -1,0 +1,70 @@
+"""Golden files: prompt loading, the default prompt set, and record/check through the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from anepack.errors import AnepackError
+from anepack.golden import Golden, GoldenPrompt, load_prompts
+from anepack.tokenizer import Tokenizer
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "anepack.cli", *args], capture_output=True, text=True)
+
+
+def test_prompt_file_errors_name_file_and_line(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": broken}\n')
+    with pytest.raises(AnepackError, match=r"prompts.jsonl: line 2 is not valid JSON"):
+        load_prompts(path)
+    path.write_text('{"name": "x"}\n')
+    with pytest.raises(AnepackError, match=r"line 1 needs a non-empty string field 'text'"):
+        load_prompts(path)
+
+
+def test_default_prompt_set_is_varied_and_sized(default_model_path):
+    prompts = load_prompts()
+    assert len(prompts) >= 8
+    tokenizer = Tokenizer(default_model_path)
+    lengths = [len(tokenizer.encode(p.text)) for p in prompts]
+    assert all(6 <= n <= 64 for n in lengths), lengths
+    names = {p.name for p in prompts}
+    assert {"prose", "code", "arithmetic", "list", "french", "japanese"} <= names
+    assert any(ord(c) > 0x3000 for p in prompts for c in p.text)  # a non-Latin script
+
+
+def test_golden_round_trip_is_atomic(tmp_path):
+    rng = np.random.default_rng(0)
+    golden = Golden("model.gguf", "abc", "test")
+    golden.prompts.append(GoldenPrompt("a", "text", np.arange(5), rng.standard_normal((5, 7))))
+    path = golden.save(tmp_path / "g.npz")
+    loaded = Golden.load(path)
+    assert loaded.prompts[0].tokens.tolist() == [0, 1, 2, 3, 4]
+    np.testing.assert_array_equal(loaded.prompts[0].logits, golden.prompts[0].logits.astype(np.float16))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.npz"]
+    (tmp_path / "bad.npz").write_bytes(b"not an archive")
+    with pytest.raises(AnepackError, match="bad.npz: not a golden file"):
+        Golden.load(tmp_path / "bad.npz")
+
+
+def test_golden_record_and_check_default_model(tmp_path, default_model_path):
+    golden_path = tmp_path / "golden.npz"
+    recorded = run_cli("golden", "record", "--out", str(golden_path), "--json")
+    assert recorded.returncode == 0, recorded.stderr
+    assert len(json.loads(recorded.stdout)["prompts"]) == len(load_prompts())
+
+    checked = run_cli("golden", "check", str(golden_path), "--json")
+    assert checked.returncode == 0, checked.stderr
+    doc = json.loads(checked.stdout)
+    assert doc["same_model_file"] and doc["passed"]
+    for prompt in doc["prompts"]:
+        assert prompt["min_cosine"] >= 0.99 and prompt["top1_agreement"] >= 0.95, prompt["name"]
+
+    table = run_cli("golden", "check", str(default_model_path), str(golden_path))
+    assert table.returncode == 0 and "PASS" in table.stdout and "japanese" in table.stdout
