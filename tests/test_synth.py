@@ -102,7 +102,8 @@ def test_tied_option_drops_the_output_tensor(model_dir):
     untied = gguf.GGUFReader(synth.write_synthetic_gguf(model_dir / "u.gguf", "llama", layers=1))
     assert "output.weight" not in {t.name for t in tied.tensors}
     assert "output.weight" in {t.name for t in untied.tensors}
-    assert "output.weight" not in {t.name for t in gguf.GGUFReader(synth.write_synthetic_gguf(model_dir / "g.gguf", "gemma3", layers=1)).tensors}
+    gemma = gguf.GGUFReader(synth.write_synthetic_gguf(model_dir / "g.gguf", "gemma3", layers=1))
+    assert "output.weight" not in {t.name for t in gemma.tensors}
 
 
 @pytest.mark.parametrize("arch", ["gemma3", "llama"])
@@ -135,8 +136,10 @@ def test_same_seed_same_bytes_and_different_seed_different_weights(tmp_path):
     assert [t.name for t in a.tensors] == [t.name for t in c.tensors]
     for name in ("token_embd.weight", "blk.1.attn_q.weight", "blk.0.post_ffw_norm.weight"):
         wa, wc = _reader_tensor(a, name), _reader_tensor(c, name)
-        assert wa.shape == wc.shape
-        assert abs(np.corrcoef(wa.ravel(), wc.ravel())[0, 1]) < 0.1
+        assert wa.shape == wc.shape and np.all(wa != wc), name
+    for name in ("token_embd.weight", "blk.1.attn_q.weight"):
+        # Independent draws: correlation ~ N(0, 1/sqrt(32768)) or smaller.
+        assert abs(np.corrcoef(_reader_tensor(a, name).ravel(), _reader_tensor(c, name).ravel())[0, 1]) < 0.05
 
 
 def test_weight_statistics_are_heavy_tailed_with_outlier_channels(model_dir):
@@ -168,7 +171,9 @@ def test_quantized_types_store_the_same_weights(tmp_path, weight_type, ggml_type
     # Bounds: f16 rounding is ~2e-4 relative; a 32-value block rounds to (absmax / levels), and
     # the outlier channels raise absmax, so q8_0 reaches ~1% and q4_0 ~15% here.
     exact = gguf.GGUFReader(synth.write_synthetic_gguf(tmp_path / "f32.gguf", "llama", layers=1, seed=5))
-    stored = gguf.GGUFReader(synth.write_synthetic_gguf(tmp_path / "q.gguf", "llama", layers=1, seed=5, weight_type=weight_type))
+    stored = gguf.GGUFReader(
+        synth.write_synthetic_gguf(tmp_path / "q.gguf", "llama", layers=1, seed=5, weight_type=weight_type)
+    )
     for tensor in stored.tensors:
         assert tensor.tensor_type == (ggml_type if len(tensor.shape) == 2 else gguf.GGMLQuantizationType.F32)
         reference, decoded = _reader_tensor(exact, tensor.name), _reader_tensor(stored, tensor.name)

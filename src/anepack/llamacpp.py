@@ -8,16 +8,48 @@ position 0: the KV cache from earlier calls is discarded.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 from pathlib import Path
 
 import numpy as np
 
 from anepack.errors import AnepackError
-from anepack.tokenizer import open_llama
 
 GGML_TYPE_F32 = 0  # ggml's type id for float32, for the KV cache types
 DEFAULT_CONTEXT = 512
+
+
+@functools.cache
+def _silence_llama_cpp():
+    """Route llama.cpp's and ggml's log lines to nowhere, once per process.
+
+    llama-cpp-python's own filter maps ggml's log levels with an outdated table and lets
+    warnings through to stderr; anepack reports problems as exceptions instead.
+    """
+    import llama_cpp
+
+    @llama_cpp.llama_log_callback
+    def discard(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        return None
+
+    llama_cpp.llama_log_set(discard, ctypes.c_void_p(0))
+    return discard  # cached, so the C callback outlives this call
+
+
+def open_llama(model_path: str | os.PathLike[str], **params) -> "llama_cpp.Llama":  # noqa: F821
+    """``llama_cpp.Llama`` on ``model_path``, silent; a load failure becomes one line."""
+    import llama_cpp
+
+    path = Path(model_path)
+    if not path.is_file():
+        raise AnepackError(path, "no such model file")
+    _silence_llama_cpp()
+    try:
+        return llama_cpp.Llama(model_path=str(path), verbose=False, **params)
+    except ValueError as err:  # llama-cpp-python's "Failed to load model from file"
+        raise AnepackError(path, f"llama.cpp cannot load this model ({err})") from None
 
 
 class LlamaCppReferee:
@@ -67,11 +99,16 @@ class LlamaCppReferee:
     def close(self) -> None:
         self._llama.close()
 
+    def __enter__(self) -> LlamaCppReferee:
+        return self
 
-def llamacpp_logits(model_path: str | os.PathLike[str], tokens: np.ndarray | list[int], n_threads: int = 2) -> np.ndarray:
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def llamacpp_logits(
+    model_path: str | os.PathLike[str], tokens: np.ndarray | list[int], n_threads: int = 2
+) -> np.ndarray:
     """llama.cpp's float32 logits ``[T, vocab]`` for ``tokens`` on a freshly loaded model."""
-    referee = LlamaCppReferee(model_path, n_threads=n_threads, n_ctx=max(DEFAULT_CONTEXT, len(tokens)))
-    try:
+    with LlamaCppReferee(model_path, n_threads=n_threads, n_ctx=max(DEFAULT_CONTEXT, len(tokens))) as referee:
         return referee.logits(tokens)
-    finally:
-        referee.close()

@@ -3,8 +3,8 @@
 One frozen dataclass of dimensions per architecture says what the model looks like: its
 hyperparameter keys and its tensor plan (llama.cpp's names and shapes). Weights are drawn
 per tensor from a generator seeded by (seed, tensor name), with the statistics of real
-checkpoints: Student-t tails, a few boosted input channels per linear weight, and norm gains
-around 1. The vocabulary is a sentencepiece-style ("llama" tokenizer model) list with
+checkpoints: Student-t tails, a few boosted input channels per linear weight, and positive
+norm gains. The vocabulary is a sentencepiece-style ("llama" tokenizer model) list with
 control tokens, the 256 byte-fallback tokens and scored pieces, so any UTF-8 text tokenizes.
 Adding an architecture means adding one dims class and registering it in ARCHITECTURES.
 """
@@ -25,6 +25,7 @@ from typing import ClassVar, NamedTuple
 import numpy as np
 from gguf import (
     GGML_QUANT_SIZES,
+    GGML_QUANT_VERSION,
     MODEL_TENSOR,
     TENSOR_NAMES,
     GGMLQuantizationType,
@@ -67,7 +68,6 @@ LOGIT_STD = 3.0
 # leave the input embedding dominant and the top logit is the input token 98% of the time
 # (llama.cpp, default gemma3 dims); gains of 4 bring that to ~13% with mean top-1 p ~0.33.
 POST_NORM_GAIN = 4.0
-LLAMA_QK_GAIN = 1.5
 
 
 # ---------------------------------------------------------------------------------------
@@ -209,7 +209,8 @@ class Gemma3Dims:
     llama.cpp makes layer il global when il % 6 == 5, so the default 6 layers contain one
     global layer (RoPE base `rope_freq_base`) among sliding ones (llama.cpp's fixed base
     10000); a 64-token prompt crosses the 16-token window. head_dim * n_head != n_embd on
-    purpose, as in the real models.
+    purpose, as in the real models. Norm gains sit around 1 (GGUF stores Gemma's 1 + w),
+    the post-attention and post-FFN ones around POST_NORM_GAIN.
     """
 
     ARCH: ClassVar[str] = "gemma3"
@@ -324,8 +325,8 @@ class LlamaDims:
         for il in range(self.n_layer):
             plan += [
                 TensorPlan(_tensor_name(MODEL_TENSOR.ATTN_NORM, il), (embd,), "norm"),
-                TensorPlan(_tensor_name(MODEL_TENSOR.ATTN_Q, il), (embd, embd), "linear", LLAMA_QK_GAIN),
-                TensorPlan(_tensor_name(MODEL_TENSOR.ATTN_K, il), (kv_dim, embd), "linear", LLAMA_QK_GAIN),
+                TensorPlan(_tensor_name(MODEL_TENSOR.ATTN_Q, il), (embd, embd), "linear"),
+                TensorPlan(_tensor_name(MODEL_TENSOR.ATTN_K, il), (kv_dim, embd), "linear"),
                 TensorPlan(_tensor_name(MODEL_TENSOR.ATTN_V, il), (kv_dim, embd), "linear"),
                 TensorPlan(_tensor_name(MODEL_TENSOR.ATTN_OUT, il), (embd, embd), "linear"),
                 TensorPlan(_tensor_name(MODEL_TENSOR.FFN_NORM, il), (embd,), "norm"),
@@ -346,7 +347,9 @@ def _positive_problems(dims: SynthDims, *names: str) -> list[str]:
 
 
 def _attention_problems(dims: SynthDims) -> list[str]:
-    problems = _positive_problems(dims, "n_layer", "n_embd", "n_head", "n_head_kv", "n_ff", "n_ctx", "rope_freq_base", "rms_eps")
+    problems = _positive_problems(
+        dims, "n_layer", "n_embd", "n_head", "n_head_kv", "n_ff", "n_ctx", "rope_freq_base", "rms_eps"
+    )
     if problems:
         return problems
     if dims.n_head % dims.n_head_kv:
@@ -472,7 +475,7 @@ def write_synthetic_gguf(
         writer = GGUFWriter(staging, model.ARCH)
         writer.add_name(f"anepack synthetic {model.ARCH} (seed {seed})")
         writer.add_file_type(int(stored_as.file_type))
-        writer.add_quantization_version(2)
+        writer.add_quantization_version(GGML_QUANT_VERSION)
         model.write_hparams(writer)
         _write_vocab(writer, build_spm_vocab(model.n_vocab, model.TOKENS), model.TOKENS)
         for tensor in plan:

@@ -9,20 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from anepack.errors import AnepackError
-
-
-def open_llama(model_path: str | os.PathLike[str], **params) -> "llama_cpp.Llama":  # noqa: F821
-    """``llama_cpp.Llama`` on ``model_path`` with its logging silenced; load failures become one line."""
-    import llama_cpp
-
-    path = Path(model_path)
-    if not path.is_file():
-        raise AnepackError(path, "no such model file")
-    try:
-        return llama_cpp.Llama(model_path=str(path), verbose=False, **params)
-    except ValueError as err:  # llama-cpp-python's "Failed to load model from file"
-        raise AnepackError(path, f"llama.cpp cannot load this model ({err})") from None
+from anepack.llamacpp import open_llama
 
 
 class Tokenizer:
@@ -54,3 +41,9 @@ class Tokenizer:
 
     def close(self) -> None:
         self._llama.close()
+
+    def __enter__(self) -> Tokenizer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -39,5 +39,11 @@ def _register() -> None:
     main.add_command(golden_cmds.golden)
     main.add_command(synth_cmd.synth)
 
+    from anepack.cli import history_cmds
+
+    main.add_command(history_cmds.runs)
+    main.add_command(history_cmds.compare)
+    main.add_command(history_cmds.report)
+
 
 _register()

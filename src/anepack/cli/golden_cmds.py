@@ -71,6 +71,7 @@ def check_command(paths: tuple[str, ...], min_cosine: float, min_top1: float, fp
     from anepack import golden as golden_lib
     from anepack.reference import build
     from anepack.source.gguf_file import open_gguf
+    from anepack.source.weights import source_weights
 
     if len(paths) > 2:
         raise click.UsageError("expected [MODEL] GOLDEN")
@@ -78,7 +79,7 @@ def check_command(paths: tuple[str, ...], min_cosine: float, min_top1: float, fp
     golden_file = golden_lib.Golden.load(paths[-1])
     thresholds = golden_lib.Thresholds(min_cosine, min_top1)
     with open_gguf(model_path) as gguf:
-        model = build(gguf.config, gguf.tensor, fp16=fp16)
+        model = build(gguf.config, source_weights(gguf), fp16=fp16)
         vocab = gguf.config.vocab_size
         if golden_file.prompts and golden_file.prompts[0].logits.shape[-1] != vocab:
             raise AnepackError(paths[-1], f"golden logits have {golden_file.prompts[0].logits.shape[-1]} "

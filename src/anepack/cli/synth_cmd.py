@@ -29,6 +29,12 @@ def synth(arch: str, layers: int | None, seed: int, weight_type: str, out: str, 
         "type": weight_type,
         "seed": seed,
     }
-    emit(document, as_json, lambda d: console.print(
-        f"{d['path']}\n{d['arch']}, {d['layers']} layers, {d['params']:,} parameters, "
-        f"{d['bytes']:,} bytes ({d['type']}, seed {d['seed']})", highlight=False))
+    emit(document, as_json, _render)
+
+
+def _render(doc: dict) -> None:
+    layers = f"{doc['layers']} layer" + ("s" if doc["layers"] != 1 else "")
+    summary = (f"{doc['arch']}, {layers}, {doc['params']:,} parameters, {doc['bytes']:,} bytes "
+               f"({doc['type']}, seed {doc['seed']})")
+    # Plain text: a path may contain rich markup characters and must not be wrapped.
+    console.print(f"{doc['path']}\n{summary}", markup=False, highlight=False, soft_wrap=True)

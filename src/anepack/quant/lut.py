@@ -21,8 +21,10 @@ from anepack.quant.packing import QuantizedTensor
 
 INT8_LUT_CODE_MAX = 127  # coremltools' symmetric int8 range
 
-# Vector k-means: Lloyd steps cap (it usually stops earlier, when no label changes), and
-# the number of vectors whose distances to all centroids are held in memory at once.
+# Vector k-means: Lloyd stops when a step lowers the weighted error by less than this
+# fraction (the long tail of tiny moves changes nothing that matters) or after the step cap;
+# distances of this many vectors to all centroids are held in memory at once.
+_VECTOR_SETTLED_FRACTION = 1e-4
 _VECTOR_LLOYD_STEPS = 40
 _VECTOR_CHUNK = 1 << 18
 
@@ -168,24 +170,34 @@ def quantize_lut(
     )
 
 
-def _nearest_vectors(vectors: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Index of each vector's nearest centroid, and the squared distance to it."""
-    labels = np.empty(len(vectors), dtype=np.int64)
-    distances = np.empty(len(vectors), dtype=np.float32)
+def _nearest_vectors(points: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid (``[k, V]``) of each column of ``points`` (``[V, N]``, one vector per
+    column, the layout in which these products are fast), and the squared distance to it."""
+    labels = np.empty(points.shape[1], dtype=np.int64)
+    distances = np.empty(points.shape[1], dtype=np.float32)
     centroid_norms = np.einsum("kd,kd->k", centroids, centroids)
-    for start in range(0, len(vectors), _VECTOR_CHUNK):
-        chunk = vectors[start : start + _VECTOR_CHUNK]
-        squared = centroid_norms[None, :] - 2.0 * chunk @ centroids.T
-        nearest = np.argmin(squared, axis=1)
-        labels[start : start + len(chunk)] = nearest
-        closest = squared[np.arange(len(chunk)), nearest] + np.einsum("nd,nd->n", chunk, chunk)
-        distances[start : start + len(chunk)] = np.maximum(closest, 0.0)
+    for start in range(0, points.shape[1], _VECTOR_CHUNK):
+        chunk = points[:, start : start + _VECTOR_CHUNK]
+        products = centroids @ chunk
+        # |x - c|^2 without the |x|^2 term, which is the same for every centroid; a running
+        # minimum over the k rows is several times faster than argmin across them.
+        closest = centroid_norms[0] - 2.0 * products[0]
+        nearest = np.zeros(chunk.shape[1], dtype=np.int64)
+        for centroid in range(1, len(centroids)):
+            candidate = centroid_norms[centroid] - 2.0 * products[centroid]
+            closer = candidate < closest
+            nearest[closer] = centroid
+            np.minimum(closest, candidate, out=closest)
+        columns = slice(start, start + chunk.shape[1])
+        labels[columns] = nearest
+        distances[columns] = np.maximum(closest + np.einsum("dn,dn->n", chunk, chunk), 0.0)
     return labels, distances
 
 
-def _plus_plus_start(vectors: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """k-means++ seeds drawn from a random sample of the vectors."""
-    sample = vectors[rng.choice(len(vectors), size=min(len(vectors), 64 * k), replace=False)]
+def _plus_plus_start(points: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k-means++ seeds (``[k, V]``) drawn from a random sample of the vectors."""
+    count = points.shape[1]
+    sample = points[:, rng.choice(count, size=min(count, 64 * k), replace=False)].T
     centroids = [sample[rng.integers(len(sample))]]
     distance = np.sum((sample - centroids[0]) ** 2, axis=1, dtype=np.float64)
     for _ in range(k - 1):
@@ -201,32 +213,35 @@ def _plus_plus_start(vectors: np.ndarray, k: int, rng: np.random.Generator) -> n
 
 
 def weighted_vector_kmeans(
-    vectors: np.ndarray, k: int, weights: np.ndarray | None = None, seed: int = 0
+    points: np.ndarray, k: int, weights: np.ndarray | None = None, seed: int = 0
 ) -> np.ndarray:
-    """Weighted Lloyd k-means of ``[N, V]`` vectors into ``k`` centroids (``[k, V]``).
+    """Weighted Lloyd k-means of the columns of ``points`` (``[V, N]``) into ``[k, V]``.
 
     ``weights`` ``[N]`` weighs each vector's squared error. An emptied cluster is re-seeded
     at the vector with the largest weighted error, so every centroid stays in use.
     """
     rng = np.random.default_rng(seed)
     if weights is None:
-        weights = np.ones(len(vectors), np.float32)
-    centroids = _plus_plus_start(vectors, k, rng)
-    labels = None
+        weights = np.ones(points.shape[1], np.float32)
+    weighted_points = points * weights
+    centroids = _plus_plus_start(points, k, rng)
+    previous_error = np.inf
     for _ in range(_VECTOR_LLOYD_STEPS):
-        new_labels, distances = _nearest_vectors(vectors, centroids)
-        if labels is not None and np.array_equal(new_labels, labels):
+        labels, distances = _nearest_vectors(points, centroids)
+        weighted_distances = weights * distances
+        error = float(weighted_distances.sum(dtype=np.float64))
+        if previous_error - error <= _VECTOR_SETTLED_FRACTION * error:
             break
-        labels = new_labels
+        previous_error = error
         mass = np.bincount(labels, weights=weights, minlength=k)
-        for dim in range(vectors.shape[1]):
-            total = np.bincount(labels, weights=weights * vectors[:, dim], minlength=k)
-            filled = mass > 0
+        filled = mass > 0
+        for dim, row in enumerate(weighted_points):
+            total = np.bincount(labels, weights=row, minlength=k)
             centroids[filled, dim] = total[filled] / mass[filled]
-        for empty in np.flatnonzero(mass == 0):
-            worst = np.argmax(weights * distances)
-            centroids[empty] = vectors[worst]
-            distances[worst] = 0.0
+        for empty in np.flatnonzero(~filled):
+            worst = np.argmax(weighted_distances)
+            centroids[empty] = points[:, worst]
+            weighted_distances[worst] = 0.0
     return centroids
 
 
@@ -238,14 +253,16 @@ def quantize_vector_lut(
     size = fmt.vector_size
     if rows % size:
         raise FormatSpecError(None, f"{fmt.spec} needs Cout divisible by {size}, got {rows} rows")
-    # Vector (i, c) is rows i*V .. i*V+V-1 of column c; index (i, c) selects it.
-    vectors = weight.reshape(rows // size, size, cols).transpose(0, 2, 1).reshape(-1, size)
+    # Vector (i, c) is rows i*V .. i*V+V-1 of column c; index (i, c) selects it. Points are
+    # held dimension-major, [V, N] with N = (Cout / V) * Cin in index order.
+    points = np.ascontiguousarray(weight.reshape(rows // size, size, cols).transpose(1, 0, 2))
+    points = points.reshape(size, -1)
     vector_weights = None
     if importance is not None:
         vector_weights = np.tile(np.asarray(importance, np.float32), rows // size)
-    centroids = weighted_vector_kmeans(np.ascontiguousarray(vectors), fmt.entries, vector_weights)
+    centroids = weighted_vector_kmeans(points, fmt.entries, vector_weights)
     lut = centroids.astype(np.float16)
-    labels, _ = _nearest_vectors(vectors, lut.astype(np.float32))
+    labels, _ = _nearest_vectors(points, lut.astype(np.float32))
     return PalettizedTensor(
         format=fmt,
         indices=labels.astype(np.uint8).reshape(rows // size, cols),

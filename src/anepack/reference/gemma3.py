@@ -14,6 +14,7 @@ import numpy as np
 from anepack.reference.common import Precision, attention, attention_mask, gelu_tanh, rms_norm, rope
 from anepack.reference.model import ReferenceModel
 from anepack.source.config import Gemma3Config
+from anepack.source.weights import LM_HEAD
 
 
 class Gemma3(ReferenceModel):
@@ -30,9 +31,9 @@ class Gemma3(ReferenceModel):
         n_tokens, hd = hidden.shape[0], cfg.head_dim
 
         x = r(rms_norm(hidden, w(il, "attn_norm"), cfg.rms_eps), il, "attn_norm")
-        q = r(x @ w(il, "attn_q").T, il, "q").reshape(n_tokens, cfg.n_head, hd)
-        k = r(x @ w(il, "attn_k").T, il, "k").reshape(n_tokens, cfg.n_head_kv, hd)
-        v = r(x @ w(il, "attn_v").T, il, "v").reshape(n_tokens, cfg.n_head_kv, hd)
+        q = r(self.linear(x, f"blk.{il}.attn_q.weight"), il, "q").reshape(n_tokens, cfg.n_head, hd)
+        k = r(self.linear(x, f"blk.{il}.attn_k.weight"), il, "k").reshape(n_tokens, cfg.n_head_kv, hd)
+        v = r(self.linear(x, f"blk.{il}.attn_v.weight"), il, "v").reshape(n_tokens, cfg.n_head_kv, hd)
         q = r(rms_norm(q, w(il, "attn_q_norm"), cfg.rms_eps), il, "q_norm")
         k = r(rms_norm(k, w(il, "attn_k_norm"), cfg.rms_eps), il, "k_norm")
 
@@ -45,18 +46,18 @@ class Gemma3(ReferenceModel):
 
         mask = attention_mask(positions, positions, cfg.sliding_window if sliding else None)
         mixed = attention(q, k, v, mask, 1.0, self.precision, il)
-        attn_out = r(mixed @ w(il, "attn_output").T, il, "attn_output")
+        attn_out = r(self.linear(mixed, f"blk.{il}.attn_output.weight"), il, "attn_output")
         attn_out = r(rms_norm(attn_out, w(il, "post_attention_norm"), cfg.rms_eps), il, "post_attention_norm")
         residual = r(attn_out + hidden, il, "attn_residual")
 
         x = r(rms_norm(residual, w(il, "ffn_norm"), cfg.rms_eps), il, "ffn_norm")
-        gate = r(x @ w(il, "ffn_gate").T, il, "ffn_gate")
-        up = r(x @ w(il, "ffn_up").T, il, "ffn_up")
+        gate = r(self.linear(x, f"blk.{il}.ffn_gate.weight"), il, "ffn_gate")
+        up = r(self.linear(x, f"blk.{il}.ffn_up.weight"), il, "ffn_up")
         act = r(r(gelu_tanh(gate), il, "ffn_gelu") * up, il, "ffn_geglu")
-        down = r(act @ w(il, "ffn_down").T, il, "ffn_down")
+        down = r(self.linear(act, f"blk.{il}.ffn_down.weight"), il, "ffn_down")
         down = r(rms_norm(down, w(il, "post_ffw_norm"), cfg.rms_eps), il, "post_ffw_norm")
         return r(down + residual, il, "ffn_residual")
 
     def head(self, hidden: np.ndarray) -> np.ndarray:
         x = self.round(rms_norm(hidden, self.weight("output_norm.weight"), self.config.rms_eps), None, "output_norm")
-        return self.round(x @ self.weight("token_embd.weight").T, None, "logits")
+        return self.round(self.linear(x, LM_HEAD), None, "logits")

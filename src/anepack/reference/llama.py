@@ -15,6 +15,7 @@ import numpy as np
 from anepack.reference.common import attention, attention_mask, rms_norm, rope, silu
 from anepack.reference.model import ReferenceModel
 from anepack.source.config import LlamaConfig
+from anepack.source.weights import LM_HEAD
 
 
 class Llama(ReferenceModel):
@@ -30,24 +31,23 @@ class Llama(ReferenceModel):
         n_tokens, hd = hidden.shape[0], cfg.head_dim
 
         x = r(rms_norm(hidden, w(il, "attn_norm"), cfg.rms_eps), il, "attn_norm")
-        q = r(x @ w(il, "attn_q").T, il, "q").reshape(n_tokens, cfg.n_head, hd)
-        k = r(x @ w(il, "attn_k").T, il, "k").reshape(n_tokens, cfg.n_head_kv, hd)
-        v = r(x @ w(il, "attn_v").T, il, "v").reshape(n_tokens, cfg.n_head_kv, hd)
-        q = r(rope(q, positions, cfg.rope_base, neox=False, n_rot=cfg.rope_dim), il, "q_rope")
-        k = r(rope(k, positions, cfg.rope_base, neox=False, n_rot=cfg.rope_dim), il, "k_rope")
+        q = r(self.linear(x, f"blk.{il}.attn_q.weight"), il, "q").reshape(n_tokens, cfg.n_head, hd)
+        k = r(self.linear(x, f"blk.{il}.attn_k.weight"), il, "k").reshape(n_tokens, cfg.n_head_kv, hd)
+        v = r(self.linear(x, f"blk.{il}.attn_v.weight"), il, "v").reshape(n_tokens, cfg.n_head_kv, hd)
+        q = r(rope(q, positions, cfg.rope_base, neox=False, n_rot=cfg.rope_dim, freq_scale=cfg.rope_freq_scale), il, "q_rope")
+        k = r(rope(k, positions, cfg.rope_base, neox=False, n_rot=cfg.rope_dim, freq_scale=cfg.rope_freq_scale), il, "k_rope")
 
         mixed = attention(q, k, v, attention_mask(positions, positions), 1.0 / math.sqrt(hd), self.precision, il)
-        attn_out = r(mixed @ w(il, "attn_output").T, il, "attn_output")
+        attn_out = r(self.linear(mixed, f"blk.{il}.attn_output.weight"), il, "attn_output")
         residual = r(attn_out + hidden, il, "attn_residual")
 
         x = r(rms_norm(residual, w(il, "ffn_norm"), cfg.rms_eps), il, "ffn_norm")
-        gate = r(x @ w(il, "ffn_gate").T, il, "ffn_gate")
-        up = r(x @ w(il, "ffn_up").T, il, "ffn_up")
+        gate = r(self.linear(x, f"blk.{il}.ffn_gate.weight"), il, "ffn_gate")
+        up = r(self.linear(x, f"blk.{il}.ffn_up.weight"), il, "ffn_up")
         act = r(r(silu(gate), il, "ffn_silu") * up, il, "ffn_swiglu")
-        down = r(act @ w(il, "ffn_down").T, il, "ffn_down")
+        down = r(self.linear(act, f"blk.{il}.ffn_down.weight"), il, "ffn_down")
         return r(down + residual, il, "ffn_residual")
 
     def head(self, hidden: np.ndarray) -> np.ndarray:
         x = self.round(rms_norm(hidden, self.weight("output_norm.weight"), self.config.rms_eps), None, "output_norm")
-        head = "token_embd.weight" if self.config.tied_embeddings else "output.weight"
-        return self.round(x @ self.weight(head).T, None, "logits")
+        return self.round(self.linear(x, LM_HEAD), None, "logits")

@@ -37,6 +37,9 @@ class ReferenceModel(ABC):
         self._source = weights
         self._cache: dict[str, np.ndarray] = {}
         self.precision = Precision(fp16)
+        # Called with (weight name, input rows) before every matmul: calibration collects
+        # per-column activation statistics through it.
+        self.observer: Callable[[str, np.ndarray], None] | None = None
 
     @property
     def overflow(self) -> Overflow | None:
@@ -55,6 +58,12 @@ class ReferenceModel(ABC):
         """Weight ``blk.<il>.<name>.weight``."""
         return self.weight(f"blk.{il}.{name}.weight")
 
+    def linear(self, x: np.ndarray, name: str) -> np.ndarray:
+        """``x @ W.T`` for the weight ``name`` (numpy order ``[out, in]``), seen by the observer."""
+        if self.observer is not None:
+            self.observer(name, x)
+        return x @ self.weight(name).T
+
     def round(self, x: np.ndarray, layer: int | None, where: str) -> np.ndarray:
         return self.precision.round(x, layer, where)
 
@@ -65,7 +74,8 @@ class ReferenceModel(ABC):
             raise AnepackError(None, f"expected a non-empty 1-D token sequence, got shape {tokens.shape}")
         bad = tokens[(tokens < 0) | (tokens >= self.config.vocab_size)]
         if bad.size:
-            raise AnepackError(None, f"token id {int(bad[0])} is outside the vocabulary (size {self.config.vocab_size})")
+            vocab = self.config.vocab_size
+            raise AnepackError(None, f"token id {int(bad[0])} is outside the vocabulary (size {vocab})")
         return tokens
 
     def embed(self, tokens: np.ndarray) -> np.ndarray:

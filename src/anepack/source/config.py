@@ -35,6 +35,7 @@ class LlamaConfig:
     rms_eps: float
     rope_base: float
     rope_dim: int
+    rope_freq_scale: float
     context_length: int
     tied_embeddings: bool
 
@@ -78,12 +79,12 @@ class Gemma3Config:
     rope_base_local: float  # sliding-window layers
     rope_freq_scale: float  # global layers only (linear RoPE scaling of the larger models)
     sliding_window: int
-    swa_period: int  # every swa_period-th layer is global
+    sliding_layers: tuple[bool, ...]  # per layer: True where attention is windowed
     attention_scale: float
     context_length: int
 
     def is_sliding(self, layer: int) -> bool:
-        return layer % self.swa_period < self.swa_period - 1
+        return self.sliding_layers[layer]
 
     @property
     def embed_scale(self) -> float:
@@ -146,6 +147,10 @@ def _vocab_size(gguf: GGUFFile) -> int:
 
 def _parse_llama(gguf: GGUFFile) -> LlamaConfig:
     keys = _Keys(gguf, "llama")
+    if "rope_freqs.weight" in gguf.tensors:
+        raise UnsupportedModelError(
+            gguf.path, "per-frequency RoPE factors (rope_freqs.weight, Llama 3.1+) are not supported yet"
+        )
     n_embd = keys.get("embedding_length", int)
     n_head = keys.get("attention.head_count", int)
     head_dim = keys.get("attention.key_length", int, n_embd // n_head)
@@ -160,9 +165,37 @@ def _parse_llama(gguf: GGUFFile) -> LlamaConfig:
         rms_eps=keys.get("attention.layer_norm_rms_epsilon", float),
         rope_base=keys.get("rope.freq_base", float, 10000.0),
         rope_dim=keys.get("rope.dimension_count", int, head_dim),
+        rope_freq_scale=1.0 / _linear_rope_factor(gguf, keys),
         context_length=keys.get("context_length", int, 2048),
         tied_embeddings="output.weight" not in gguf.tensors,
     )
+
+
+def _sliding_layers(gguf: GGUFFile, arch: str, n_layers: int, window: int, default_period: int) -> tuple[bool, ...]:
+    """llama.cpp's swa pattern: a period (layer il is windowed unless il % period == period - 1),
+    or an explicit per-layer array; no window at all when the window size is 0."""
+    if window == 0:
+        return (False,) * n_layers
+    pattern = gguf.metadata.get(f"{arch}.attention.sliding_window_pattern", default_period)
+    if isinstance(pattern, list):
+        if len(pattern) != n_layers:
+            raise UnsupportedModelError(
+                gguf.path, f"{arch}.attention.sliding_window_pattern has {len(pattern)} entries for {n_layers} layers"
+            )
+        return tuple(bool(flag) for flag in pattern)
+    if not isinstance(pattern, int) or isinstance(pattern, bool) or pattern <= 0:
+        raise UnsupportedModelError(gguf.path, f"{arch}.attention.sliding_window_pattern {pattern!r} is not a period")
+    return tuple(il % pattern < pattern - 1 for il in range(n_layers))
+
+
+def _linear_rope_factor(gguf: GGUFFile, keys: _Keys) -> float:
+    """llama.cpp's default RoPE scaling type is linear: a factor applies unless the type says otherwise."""
+    scaling = gguf.metadata.get(f"{keys.arch}.rope.scaling.type", "linear")
+    if scaling == "none":
+        return 1.0
+    if scaling != "linear":
+        raise UnsupportedModelError(gguf.path, f"RoPE scaling type {scaling!r} is not supported (only linear)")
+    return keys.get("rope.scaling.factor", float, 1.0)
 
 
 def _parse_gemma3(gguf: GGUFFile) -> Gemma3Config:
@@ -171,8 +204,9 @@ def _parse_gemma3(gguf: GGUFFile) -> Gemma3Config:
     n_head = keys.get("attention.head_count", int)
     head_dim = keys.get("attention.key_length", int, n_embd // n_head)
     n_layers = keys.get("block_count", int)
-    scaling = gguf.metadata.get("gemma3.rope.scaling.type", "none")
-    factor = keys.get("rope.scaling.factor", float, 1.0) if scaling == "linear" else 1.0
+    window = gguf.metadata.get("gemma3.attention.sliding_window", 0)
+    if not isinstance(window, int) or isinstance(window, bool) or window < 0:
+        raise UnsupportedModelError(gguf.path, f"gemma3.attention.sliding_window {window!r} is not a size")
     # llama.cpp: Gemma 3 27B scales queries by 1/sqrt(n_embd / n_head), the others by 1/sqrt(head_dim)
     is_27b = n_layers == 62
     return Gemma3Config(
@@ -184,11 +218,11 @@ def _parse_gemma3(gguf: GGUFFile) -> Gemma3Config:
         head_dim=head_dim,
         vocab_size=_vocab_size(gguf),
         rms_eps=keys.get("attention.layer_norm_rms_epsilon", float),
-        rope_base=keys.get("rope.freq_base", float, 1000000.0),
-        rope_base_local=10000.0,
-        rope_freq_scale=1.0 / factor,
-        sliding_window=keys.get("attention.sliding_window", int),
-        swa_period=6,
+        rope_base=keys.get("rope.freq_base", float, 10000.0),
+        rope_base_local=keys.get("rope.freq_base_swa", float, 10000.0),
+        rope_freq_scale=1.0 / _linear_rope_factor(gguf, keys),
+        sliding_window=window,
+        sliding_layers=_sliding_layers(gguf, "gemma3", n_layers, window, default_period=6),
         attention_scale=1.0 / math.sqrt(n_embd / n_head if is_27b else head_dim),
         context_length=keys.get("context_length", int, 32768),
     )

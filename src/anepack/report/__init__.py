@@ -1,0 +1,1 @@
+"""Reports of runs for people: one self-contained HTML file with embedded plots."""

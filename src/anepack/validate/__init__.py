@@ -1,0 +1,1 @@
+"""Validators, recipes, the pre-flight gate, recipe search and run history."""
