@@ -47,7 +47,9 @@ def test_signed_packing_matches_coremltools(nbits):
     values = _values(nbits, 999, signed=True)
     packed = pack_bits(values, nbits)
     assert np.array_equal(packed, pack_elements_into_bits(values, nbits))
-    restored = restore_elements_from_packed_bits(packed, nbits, values.size, are_packed_values_signed=True)
+    restored = restore_elements_from_packed_bits(
+        packed, nbits, values.size, are_packed_values_signed=True
+    )
     assert np.array_equal(restored, values)
     assert np.array_equal(unpack_bits(packed, nbits, values.size, signed=True), values)
 

@@ -45,5 +45,10 @@ def _register() -> None:
     main.add_command(history_cmds.compare)
     main.add_command(history_cmds.report)
 
+    from anepack.cli import validate_cmds
+
+    main.add_command(validate_cmds.recipes)
+    main.add_command(validate_cmds.validate)
+
 
 _register()

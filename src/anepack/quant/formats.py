@@ -37,6 +37,18 @@ LUT_NBITS = (1, 2, 3, 4, 6, 8)
 LINEAR_NBITS = (4, 8)
 
 
+def _packed_bytes(count: int, nbits: int) -> int:
+    return -(-count * nbits // 8)
+
+
+def _matrices(shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """(experts, Cout, Cin) of a ``[Cout, Cin]`` weight or an ``[E, Cout, Cin]`` bank."""
+    if len(shape) == 2:
+        return 1, shape[0], shape[1]
+    experts, rows, cols = shape
+    return experts, rows, cols
+
+
 @dataclass(frozen=True)
 class Float16Format:
     """The weight kept as float16 (what Core ML stores for an uncompressed weight)."""
@@ -46,6 +58,11 @@ class Float16Format:
     @property
     def spec(self) -> str:
         return "fp16"
+
+    def payload_bytes(self, shape: tuple[int, ...]) -> int:
+        """Bytes Core ML stores for a weight of ``shape`` (numpy order) in this format."""
+        experts, rows, cols = _matrices(shape)
+        return 2 * experts * rows * cols
 
     @property
     def ane_safe(self) -> bool:
@@ -90,6 +107,17 @@ class LinearFormat:
     def ane_safe(self) -> bool:
         # Scales that vary along Cin (per-block) fall off the ANE or give wrong results there.
         return self.block_size == 0
+
+    def payload_bytes(self, shape: tuple[int, ...]) -> int:
+        """Bytes of data, scales and offsets for a weight of ``shape``, each expert quantized alone."""
+        experts, rows, cols = _matrices(shape)
+        scales = experts * (rows * cols // self.block_size if self.block_size else rows if self.per_channel else 1)
+        stored_offset = self.affine or not self.signed
+        return (
+            _packed_bytes(experts * rows * cols, self.nbits)
+            + 2 * scales
+            + (_packed_bytes(scales, self.nbits) if stored_offset else 0)
+        )
 
     @property
     def code_range(self) -> tuple[int, int]:
@@ -144,6 +172,14 @@ class LutFormat:
     def entries(self) -> int:
         return 2**self.nbits
 
+    def payload_bytes(self, shape: tuple[int, ...]) -> int:
+        """Bytes of indices, LUTs and scales for a weight of ``shape``, each expert quantized alone."""
+        experts, rows, cols = _matrices(shape)
+        luts = experts * (rows // self.group_size if self.group_size else 1)
+        lut_bytes = luts * self.entries * (1 if self.int8_lut else 2) + (2 * luts if self.int8_lut else 0)
+        channel_scale = 2 * experts * rows if self.per_channel_scale else 0
+        return _packed_bytes(experts * rows * cols, self.nbits) + lut_bytes + channel_scale
+
 
 @dataclass(frozen=True)
 class VectorLutFormat:
@@ -164,6 +200,12 @@ class VectorLutFormat:
     @property
     def spec(self) -> str:
         return f"vlut{self.nbits}x{self.vector_size}"
+
+    def payload_bytes(self, shape: tuple[int, ...]) -> int:
+        """Bytes of indices and the vector LUT for a weight of ``shape``, each expert alone."""
+        experts, rows, cols = _matrices(shape)
+        vectors = experts * rows * cols // self.vector_size
+        return _packed_bytes(vectors, self.nbits) + experts * self.entries * self.vector_size * 2
 
     @property
     def ane_safe(self) -> bool:

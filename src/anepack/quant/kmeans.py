@@ -387,7 +387,13 @@ def _windowed_search(groups: _SortedGroups, rows: np.ndarray, boundaries: np.nda
     n_candidates = sampled.shape[2]
     every = np.minimum(left + np.arange(n_candidates), right)
     candidates = np.where(right - left < n_candidates, every, sampled)
-    n_inner = candidates.shape[1]
+    return _dp_over_candidates(groups, rows, boundaries, candidates)
+
+
+def _dp_over_candidates(groups, rows, boundaries, candidates):
+    """Boundaries maximizing the score when inner boundary ``j`` takes one of
+    ``candidates[:, j]`` (ascending), by DP over the boundaries in order."""
+    n_groups, n_inner, n_candidates = candidates.shape
     flat = candidates.reshape(n_groups, -1)
     weight = groups.weight_before(rows, flat).reshape(candidates.shape)
     moment = groups.moment_before(rows, flat).reshape(candidates.shape)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from anepack.reference.common import Precision, attention, attention_mask, gelu_tanh, rms_norm, rope
+from anepack.reference.common import Precision, attention, attention_mask, rms_norm, rope
 from anepack.reference.model import ReferenceModel
 from anepack.source.config import Gemma3Config
 from anepack.source.weights import LM_HEAD
@@ -53,7 +53,7 @@ class Gemma3(ReferenceModel):
         x = r(rms_norm(residual, w(il, "ffn_norm"), cfg.rms_eps), il, "ffn_norm")
         gate = r(self.linear(x, f"blk.{il}.ffn_gate.weight"), il, "ffn_gate")
         up = r(self.linear(x, f"blk.{il}.ffn_up.weight"), il, "ffn_up")
-        act = r(r(gelu_tanh(gate), il, "ffn_gelu") * up, il, "ffn_geglu")
+        act = r(r(self.gelu_tanh(gate), il, "ffn_gelu") * up, il, "ffn_geglu")
         down = r(self.linear(act, f"blk.{il}.ffn_down.weight"), il, "ffn_down")
         down = r(rms_norm(down, w(il, "post_ffw_norm"), cfg.rms_eps), il, "post_ffw_norm")
         return r(down + residual, il, "ffn_residual")

@@ -11,13 +11,22 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
 from anepack.errors import AnepackError
-from anepack.reference.common import Overflow, Precision
+from anepack.reference.common import Overflow, Precision, gelu_tanh
 
 WeightSource = Callable[[str], np.ndarray]
+
+
+class Arithmetic(Protocol):
+    """Another engine's arithmetic for the ops where it departs from exact float32."""
+
+    def linear(self, x: np.ndarray, weight: np.ndarray, name: str) -> np.ndarray: ...
+
+    def gelu_tanh(self, x: np.ndarray) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -32,7 +41,7 @@ class ForwardResult:
 class ReferenceModel(ABC):
     """Base of the per-architecture models: subclasses define ``embed_tokens``, ``block``, ``head``."""
 
-    def __init__(self, config, weights: WeightSource, fp16: bool = False):
+    def __init__(self, config, weights: WeightSource, fp16: bool = False, emulate: Arithmetic | None = None):
         self.config = config
         self._source = weights
         self._cache: dict[str, np.ndarray] = {}
@@ -40,6 +49,9 @@ class ReferenceModel(ABC):
         # Called with (weight name, input rows) before every matmul: calibration collects
         # per-column activation statistics through it.
         self.observer: Callable[[str, np.ndarray], None] | None = None
+        # None: exact float32. Otherwise another engine's arithmetic (llama.cpp's activation
+        # quantization and GELU table) replaces the exact matmul and GELU.
+        self.emulate = emulate
 
     @property
     def overflow(self) -> Overflow | None:
@@ -62,7 +74,13 @@ class ReferenceModel(ABC):
         """``x @ W.T`` for the weight ``name`` (numpy order ``[out, in]``), seen by the observer."""
         if self.observer is not None:
             self.observer(name, x)
+        if self.emulate is not None:
+            return self.emulate.linear(x, self.weight(name), name)
         return x @ self.weight(name).T
+
+    def gelu_tanh(self, x: np.ndarray) -> np.ndarray:
+        """Tanh-approximated GELU, exact or as the emulated engine computes it."""
+        return gelu_tanh(x) if self.emulate is None else self.emulate.gelu_tanh(x)
 
     def round(self, x: np.ndarray, layer: int | None, where: str) -> np.ndarray:
         return self.precision.round(x, layer, where)

@@ -20,8 +20,8 @@ def quantizable_tensors(gguf: GGUFFile) -> list[str]:
 class RecipeWeights:
     """The model's weights with the recipe's formats applied, each quantized once and cached.
 
-    ``only`` restricts quantization to a subset of tensors (the rest stay exact): the layer
-    validator uses it to blame one tensor at a time.
+    ``restricted`` gives a source that quantizes only some tensors (the rest exact): the layer
+    validator blames one tensor at a time with it.
     """
 
     def __init__(self, gguf: GGUFFile, recipe: Recipe, importance: Importance | None = None):
@@ -31,6 +31,7 @@ class RecipeWeights:
         self.quantizable = set(quantizable_tensors(gguf))
         self._quantized: dict[str, QuantizedTensor] = {}
         self._dense: dict[str, np.ndarray] = {}
+        self._exact: dict[str, np.ndarray] = {}
 
     def compressed(self, name: str) -> QuantizedTensor | None:
         """The stored form of ``name`` under the recipe (fp16 too), or None for norms and the host embedding."""
@@ -40,12 +41,15 @@ class RecipeWeights:
         cached = self._quantized.get(name)
         if cached is None:
             columns = None if self.importance is None else self.importance.get(name)
-            weight = self.gguf.tensor(stored_name(self.gguf, name))
-            cached = self._quantized[name] = quantize(weight, fmt, columns)
+            cached = self._quantized[name] = quantize(self.exact(name), fmt, columns)
         return cached
 
     def exact(self, name: str) -> np.ndarray:
-        return self.gguf.tensor(stored_name(self.gguf, name))
+        stored = stored_name(self.gguf, name)  # a tied head and the embedding share one copy
+        cached = self._exact.get(stored)
+        if cached is None:
+            cached = self._exact[stored] = self.gguf.tensor(stored)
+        return cached
 
     def __call__(self, name: str) -> np.ndarray:
         dense = self._dense.get(name)

@@ -1,0 +1,181 @@
+"""CLI commands for recipes and validation: ``recipes``, ``validate layers|golden|gate``, ``recipe search``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from anepack.cli.golden_cmds import render_checks
+from anepack.cli.history_cmds import db_option
+from anepack.cli.output import console, emit, err_console, json_option, model_argument
+from anepack.source.default_model import resolve_model
+from anepack.source.gguf_file import open_gguf
+
+recipe_option = click.option("--recipe", "recipe_name", default="default", show_default=True,
+                             help="Built-in recipe name or a recipe TOML file.")
+prompts_option = click.option("--prompts", "prompts_path", type=click.Path(dir_okay=False),
+                              help="Validation prompts, JSONL (default: the built-in golden set).")
+importance_option = click.option("--importance/--no-importance", default=True, show_default=True,
+                                 help="Weight clustering and rounding by calibration activations.")
+
+
+def _status(message: str) -> None:
+    err_console.log(message)
+
+
+def _store_record(record: dict, db_path: str | None) -> int:
+    from anepack.validate.history import RunStore
+
+    return RunStore(db_path).add(record)
+
+
+def _bits_line(bits: dict) -> str:
+    return (f"bits per weight: layers {bits['layers_average']:.3f}, LM head {bits['lm_head']:.3f}, "
+            f"shipped {bits['shipped_average']:.3f} (host embedding table {bits['embedding_host']:.1f})")
+
+
+@click.command()
+@model_argument
+@json_option
+def recipes(model: str | None, as_json: bool) -> None:
+    """List the built-in recipes with their bits per weight on MODEL."""
+    from anepack.validate.bits import recipe_bits
+    from anepack.validate.recipes import builtin_recipe_names, load_recipe
+
+    rows = []
+    with open_gguf(resolve_model(model)) as gguf:
+        for name in builtin_recipe_names():
+            recipe = load_recipe(name)
+            _, bits = recipe_bits(gguf, recipe)
+            ane_safe = all(rule.format.ane_safe for rule in recipe.rules)
+            rows.append({"name": name, "description": recipe.description, "bits_per_weight": bits["shipped_average"],
+                         "layers_bits_per_weight": bits["layers_average"], "lm_head_bits_per_weight": bits["lm_head"],
+                         "ane_safe": ane_safe})
+
+    def render(doc: dict) -> None:
+        table = Table(title=f"built-in recipes on {doc['model']}")
+        for column in ("recipe", "shipped bpw", "layers bpw", "LM head bpw", "ANE-safe", "description"):
+            table.add_column(column, justify="left" if column in ("recipe", "description", "ANE-safe") else "right")
+        for row in doc["recipes"]:
+            table.add_row(row["name"], f"{row['bits_per_weight']:.3f}", f"{row['layers_bits_per_weight']:.3f}",
+                          f"{row['lm_head_bits_per_weight']:.3f}", "yes" if row["ane_safe"] else "[red]no[/red]",
+                          row["description"])
+        console.print(table)
+
+    emit({"model": str(resolve_model(model)), "recipes": rows}, as_json, render)
+
+
+@click.group()
+def validate() -> None:
+    """Validate a recipe on a model: per layer, end to end, or the pre-flight gate."""
+
+
+def render_layers(doc: dict) -> None:
+    record = doc["record"]
+    table = Table(title=f"recipe {record['recipe']['name']}: hidden-state cosine per layer (run {doc['run']})")
+    for column in ("layer", "isolated min", "isolated mean", "cumulative min", "cumulative mean", "ok", "most blamed (share, cos alone)"):
+        table.add_column(column, justify="left" if column.startswith("most") else "right")
+    for layer in record["layers"]:
+        blame = ", ".join(f"{b['tensor'].split('.', 2)[2]} {b['format']} ({b['share']:.0%}, {b['min_cosine']:.4f})"
+                          for b in layer["blame"][:3])
+        table.add_row(str(layer["layer"]), f"{layer['isolated_min']:.5f}", f"{layer['isolated_mean']:.5f}",
+                      f"{layer['cumulative_min']:.5f}", f"{layer['cumulative_mean']:.5f}",
+                      "[green]yes[/green]" if layer["passed"] else "[red]no[/red]", blame or "-")
+    console.print(table)
+    console.print(_bits_line(record["bits"]))
+    verdict = "[bold green]PASS[/bold green]" if record["passed"] else "[bold red]FAIL[/bold red]"
+    console.print(f"{verdict}: every checked layer's min cosine >= {record['thresholds']['min_layer_cosine']} "
+                  "(isolated and cumulative)")
+
+
+def _layers_document(record: dict, run_id: int) -> dict:
+    return {"run": run_id, "passed": record["passed"], "record": record}
+
+
+@validate.command("layers")
+@model_argument
+@recipe_option
+@click.option("--layers", "layer_choice", default="sample", show_default=True, help="sample, all, or a list like 0,5,17.")
+@click.option("--threshold", default=0.97, show_default=True, help="Minimum hidden-state cosine per layer.")
+@click.option("--blame/--no-blame", default=True, show_default=True, help="Quantize one tensor at a time to assign blame.")
+@prompts_option
+@importance_option
+@db_option
+@json_option
+def layers_command(model, recipe_name, layer_choice, threshold, blame, prompts_path, importance, db_path, as_json):
+    """Hidden-state cosine after chosen layers, isolated and cumulative, with per-tensor blame."""
+    from anepack.validate.layers import parse_layer_choice
+    from anepack.validate.recipes import load_recipe
+    from anepack.validate.run import ValidationContext, layers_run
+
+    recipe = load_recipe(recipe_name)
+    with open_gguf(resolve_model(model)) as gguf:
+        try:
+            layers = parse_layer_choice(layer_choice, gguf.config.n_layers)
+        except ValueError as err:
+            raise click.BadParameter(str(err), param_hint="--layers") from None
+        with err_console.status("validating") as status:
+            context = ValidationContext.prepare(gguf, prompts_path, importance, status.update)
+            record = layers_run(context, recipe, layers, threshold, blame, progress=status.update)
+    run_id = _store_record(record, db_path)
+    emit(_layers_document(record, run_id), as_json, render_layers)
+
+
+@validate.command("gate")
+@model_argument
+@recipe_option
+@click.option("--sample", "sample_size", default=5, show_default=True, help="How many layers the gate checks.")
+@click.option("--threshold", default=0.97, show_default=True, help="Minimum hidden-state cosine per layer.")
+@prompts_option
+@importance_option
+@db_option
+@json_option
+def gate_command(model, recipe_name, sample_size, threshold, prompts_path, importance, db_path, as_json):
+    """The pre-flight gate a full build runs first: the layer check on a sample of layers."""
+    from anepack.validate.recipes import load_recipe
+    from anepack.validate.run import ValidationContext, gate_run
+
+    recipe = load_recipe(recipe_name)
+    with open_gguf(resolve_model(model)) as gguf:
+        with err_console.status("pre-flight gate") as status:
+            context = ValidationContext.prepare(gguf, prompts_path, importance, status.update)
+            record = gate_run(context, recipe, sample_size, threshold, progress=status.update)
+    run_id = _store_record(record, db_path)
+    emit(_layers_document(record, run_id), as_json, render_layers)
+
+
+@validate.command("golden")
+@model_argument
+@recipe_option
+@click.option("--golden", "golden_path", type=click.Path(dir_okay=False),
+              help="Golden file from 'anepack golden record' (default: the exact numpy reference on --prompts).")
+@click.option("--min-cosine", default=0.97, show_default=True, help="Per-position logit cosine bar.")
+@click.option("--min-top1", default=0.90, show_default=True, help="Per-prompt top-1 agreement bar.")
+@prompts_option
+@importance_option
+@db_option
+@json_option
+def golden_command(model, recipe_name, golden_path, min_cosine, min_top1, prompts_path, importance, db_path, as_json):
+    """The full quantized stack on every golden prompt: logit cosine, KL, top-1 per position."""
+    from anepack.golden import Golden
+    from anepack.validate.recipes import load_recipe
+    from anepack.validate.run import ValidationContext, golden_run
+
+    recipe = load_recipe(recipe_name)
+    golden = Golden.load(golden_path) if golden_path else None
+    with open_gguf(resolve_model(model)) as gguf:
+        with err_console.status("golden check") as status:
+            context = ValidationContext.prepare(gguf, prompts_path, importance, status.update)
+            record = golden_run(context, recipe, golden, min_cosine, min_top1, progress=status.update)
+    run_id = _store_record(record, db_path)
+    document = {"run": run_id, "passed": record["passed"], "model": record["model"],
+                "thresholds": {"min_cosine": min_cosine, "min_top1": min_top1},
+                "prompts": record["prompts"], "bits": record["bits"], "record": record}
+
+    def render(doc: dict) -> None:
+        render_checks(doc, f"recipe {recipe.name}: quantized stack vs reference logits (run {doc['run']})")
+        console.print(_bits_line(doc["bits"]))
+
+    emit(document, as_json, render)

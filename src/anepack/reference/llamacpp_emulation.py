@@ -1,0 +1,205 @@
+"""llama.cpp's CPU arithmetic on a quantized GGUF, reproduced inside the numpy reference.
+
+On a quantized model llama.cpp does not compute what the exact reference computes, so the two
+disagree by more than the model file explains. ``LlamaCppArithmetic(gguf)``, passed to
+``anepack.reference.build(..., emulate=...)``, makes the reference compute what llama.cpp
+computes (ggml's CPU backend as vendored in llama-cpp-python 0.3.36, x86 AVX2/AVX-512 build):
+
+- Activation quantization. Before a matmul, ggml converts the input rows to the weight type's
+  ``vec_dot_type`` (``type_traits_cpu`` in ggml-cpu.c) and takes integer dot products against
+  the weight blocks. Q4_0, Q5_0, Q8_0, IQ4_NL, MXFP4, NVFP4, Q1_0 weights read Q8_0 rows;
+  Q4_1 and Q5_1 read Q8_1; the K-quants, IQ2/IQ3/IQ1/IQ4_XS and TQ types read Q8_K; F16 and
+  BF16 weights read rows rounded to F16 / BF16; F32 weights read F32. A block's integer dot
+  product times its scales equals the dot product of the dequantized blocks, so rounding the
+  rows through the activation type and multiplying by the dequantized weight gives llama.cpp's
+  result up to float summation order. One term is not a dequantized dot product: Q4_1/Q5_1
+  weights add ``min * s`` per block, where Q8_1's ``s`` is ``fp16(d * sum(q))`` rather than
+  ``fp16(d) * sum(q)``; that difference is added from the weight file's stored mins.
+- GELU through ggml's float16 table (``GGML_GELU_FP16``): the input rounded to float16, the
+  tanh-GELU of that value rounded to float16; inputs <= -10 give 0 and inputs >= 10 pass through.
+
+Not reproduced, each measured below 1e-6 in logit cosine on the default model's F32 copy:
+float summation order (SIMD lanes, tiled GEMM, ggml's float64 row sums), RoPE angles that ggml
+builds by repeated float32 multiplication, SIMD ``expf`` in softmax and SiLU. ARM builds scale
+Q8_0 rows by ``1 / d`` instead of ``127 / amax`` (a rare one-step change in a quant), and
+ggml's 4-row Q8_K packer breaks an exact ``+a``/``-a`` tie for the block maximum by sign where
+the row quantizer takes the first; neither is modelled. The emulation describes llama.cpp
+running this GGUF's own weights: a weight source substituting other weights keeps the file's
+activation types (and, for Q4_1/Q5_1, the file's mins).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGMLQuantizationType as GGMLType
+from gguf import GGML_QUANT_SIZES
+
+from anepack.errors import UnsupportedModelError
+from anepack.reference.common import gelu_tanh
+from anepack.source.gguf_file import GGUFFile
+from anepack.source.weights import stored_name
+
+QK8_0 = 32  # values per Q8_0 / Q8_1 block
+QK_K = 256  # values per Q8_K super-block
+GELU_TABLE_LIMIT = np.float32(10.0)
+
+_Q8_0_WEIGHTS = (GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.Q8_0, GGMLType.IQ4_NL, GGMLType.MXFP4,
+                 GGMLType.NVFP4, GGMLType.Q1_0)
+_Q8_K_WEIGHTS = (GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K,
+                 GGMLType.IQ2_XXS, GGMLType.IQ2_XS, GGMLType.IQ2_S, GGMLType.IQ3_XXS, GGMLType.IQ3_S,
+                 GGMLType.IQ1_S, GGMLType.IQ1_M, GGMLType.IQ4_XS, GGMLType.TQ1_0, GGMLType.TQ2_0)
+
+# ggml-cpu.c ``type_traits_cpu[weight type].vec_dot_type``: what a matmul's input rows become.
+VEC_DOT_TYPE: dict[GGMLType, GGMLType] = {
+    GGMLType.F32: GGMLType.F32,
+    GGMLType.F16: GGMLType.F16,
+    GGMLType.BF16: GGMLType.BF16,
+    GGMLType.Q4_1: GGMLType.Q8_1,
+    GGMLType.Q5_1: GGMLType.Q8_1,
+    **{weight_type: GGMLType.Q8_0 for weight_type in _Q8_0_WEIGHTS},
+    **{weight_type: GGMLType.Q8_K for weight_type in _Q8_K_WEIGHTS},
+}
+
+# Byte offset of the float16 ``m`` (block minimum) inside a Q4_1 / Q5_1 block: after ``d``.
+_MIN_OFFSET = 2
+
+
+def _blocks(x: np.ndarray, size: int) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    if x.shape[-1] % size:
+        raise ValueError(f"row length {x.shape[-1]} is not a multiple of the block size {size}")
+    return x.reshape(*x.shape[:-1], x.shape[-1] // size, size)
+
+
+def quantize_q8_0(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ggml's x86 ``quantize_row_q8_0`` over the last axis: int8 quants ``[..., n/32, 32]`` and
+    float16 scales ``[..., n/32]``.
+
+    Per block of 32: ``d = amax / 127`` stored as float16; quants are ``x * (127 / amax)``
+    rounded half to even (``_mm256_round_ps``), so the block maximum maps to +-127 exactly.
+    """
+    blocks = _blocks(x, QK8_0)
+    amax = np.max(np.abs(blocks), axis=-1)
+    multiplier = np.divide(np.float32(127), amax, out=np.zeros_like(amax), where=amax != 0)
+    quants = np.rint(blocks * multiplier[..., None]).astype(np.int8)
+    return quants, (amax / np.float32(127)).astype(np.float16)
+
+
+def quantize_q8_1(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ggml's x86 ``quantize_row_q8_1``: Q8_0's quants and scale, plus ``s = fp16(d * sum(q))``
+    per block, where ``d`` is the float32 scale before its rounding to float16."""
+    blocks = _blocks(x, QK8_0)
+    quants, scale16 = quantize_q8_0(x)
+    d = np.max(np.abs(blocks), axis=-1) / np.float32(127)
+    block_sums = quants.sum(axis=-1, dtype=np.int32).astype(np.float32)
+    return quants, scale16, (d * block_sums).astype(np.float16)
+
+
+def quantize_q8_k(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ggml's ``quantize_row_q8_K`` over the last axis: int8 quants ``[..., n/256, 256]`` and
+    float32 scales ``[..., n/256]``.
+
+    Per super-block of 256: ``max`` is the first value of largest magnitude, ``iscale =
+    -127 / max``, quants are ``x * iscale`` rounded half to even and capped at 127, and the
+    stored scale is ``1 / iscale`` in float32. An all-zero block has scale 0.
+    """
+    blocks = _blocks(x, QK_K)
+    first_largest = np.argmax(np.abs(blocks), axis=-1)[..., None]
+    signed_max = np.take_along_axis(blocks, first_largest, axis=-1)[..., 0]
+    nonzero = signed_max != 0
+    iscale = np.divide(np.float32(-127), signed_max, out=np.zeros_like(signed_max), where=nonzero)
+    quants = np.minimum(np.rint(blocks * iscale[..., None]), 127).astype(np.int8)
+    scale = np.divide(np.float32(1), iscale, out=np.zeros_like(iscale), where=nonzero)
+    return quants, scale
+
+
+def _dequantized(quants: np.ndarray, scale: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    return (scale.astype(np.float32)[..., None] * quants.astype(np.float32)).reshape(shape)
+
+
+def round_activations(x: np.ndarray, activation_type: GGMLType) -> np.ndarray:
+    """``x`` (float32, rows on the last axis) as the values ggml's dot products see after
+    converting it to ``activation_type``: quantized then dequantized, or rounded."""
+    x = np.asarray(x, dtype=np.float32)
+    if activation_type in (GGMLType.Q8_0, GGMLType.Q8_1):
+        return _dequantized(*quantize_q8_0(x), x.shape)
+    if activation_type == GGMLType.Q8_K:
+        return _dequantized(*quantize_q8_k(x), x.shape)
+    if activation_type == GGMLType.F16:
+        return x.astype(np.float16).astype(np.float32)
+    if activation_type == GGMLType.BF16:
+        return _round_to_bfloat16(x)
+    if activation_type == GGMLType.F32:
+        return x
+    raise ValueError(f"{activation_type.name} is not an activation type of ggml's CPU matmul")
+
+
+def _round_to_bfloat16(x: np.ndarray) -> np.ndarray:
+    # ggml's GGML_FP32_TO_BF16: round half to even on the upper 16 bits; NaN stays NaN (quiet)
+    bits = x.view(np.uint32)
+    rounded = bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))
+    kept = np.where(np.isnan(x), bits | np.uint32(0x400000), rounded) & np.uint32(0xFFFF0000)
+    return kept.astype(np.uint32).view(np.float32)
+
+
+def gelu_fp16_table(x: np.ndarray) -> np.ndarray:
+    """ggml's float32 GELU with ``GGML_GELU_FP16``: a lookup in a float16 table of tanh-GELU."""
+    x = np.asarray(x, dtype=np.float32)
+    looked_up = gelu_tanh(x.astype(np.float16).astype(np.float32)).astype(np.float16).astype(np.float32)
+    return np.where(x <= -GELU_TABLE_LIMIT, np.float32(0), np.where(x >= GELU_TABLE_LIMIT, x, looked_up))
+
+
+class LlamaCppArithmetic:
+    """What llama.cpp's CPU backend computes for the weights of one GGUF file.
+
+    ``linear(x, weight, name)`` replaces the reference's exact ``x @ weight.T``; ``gelu_tanh``
+    replaces its exact GELU. Weight names are the reference's (a tied LM head is looked up as
+    the embedding table it is stored as).
+    """
+
+    def __init__(self, gguf: GGUFFile):
+        self._gguf = gguf
+        self._block_mins: dict[str, np.ndarray] = {}
+
+    def weight_type(self, name: str) -> GGMLType:
+        """The GGML type of the stored tensor behind reference weight ``name``."""
+        return self._gguf.info(stored_name(self._gguf, name)).ggml_type
+
+    def activation_type(self, name: str) -> GGMLType:
+        """The type ggml converts a matmul's input rows to for weight ``name``."""
+        weight_type = self.weight_type(name)
+        activation_type = VEC_DOT_TYPE.get(weight_type)
+        if activation_type is None:
+            raise UnsupportedModelError(self._gguf.path, f"tensor {name!r} has type {weight_type.name}, "
+                                                         "which ggml's CPU backend does not multiply")
+        return activation_type
+
+    def linear(self, x: np.ndarray, weight: np.ndarray, name: str) -> np.ndarray:
+        """``x @ weight.T`` as llama.cpp computes it for the stored weight ``name``."""
+        activation_type = self.activation_type(name)
+        product = round_activations(x, activation_type) @ weight.T
+        if activation_type == GGMLType.Q8_1:
+            product += self._q8_1_sum_correction(x, name)
+        return product
+
+    def gelu_tanh(self, x: np.ndarray) -> np.ndarray:
+        return gelu_fp16_table(x)
+
+    def _q8_1_sum_correction(self, x: np.ndarray, name: str) -> np.ndarray:
+        # ggml adds min_w * s_x per block; the dequantized product above added min_w * d_x * sum(q_x)
+        # with d_x already in float16, so the rest is min_w * (s_x - fp16(d_x) * sum(q_x)).
+        quants, scale16, stored_sums = quantize_q8_1(x)
+        dequantized_sums = scale16.astype(np.float32) * quants.sum(axis=-1, dtype=np.int32).astype(np.float32)
+        return (stored_sums.astype(np.float32) - dequantized_sums) @ self._mins(name).T
+
+    def _mins(self, name: str) -> np.ndarray:
+        """The float16 minimum of every 32-value block of a Q4_1/Q5_1 weight, ``[out, in / 32]``."""
+        mins = self._block_mins.get(name)
+        if mins is None:
+            stored = stored_name(self._gguf, name)
+            info = self._gguf.info(stored)
+            type_size = GGML_QUANT_SIZES[info.ggml_type][1]
+            blocks = self._gguf.raw(stored).reshape(-1, type_size)
+            mins = np.ascontiguousarray(blocks[:, _MIN_OFFSET:_MIN_OFFSET + 2]).view(np.float16)
+            mins = self._block_mins[name] = mins.astype(np.float32).reshape(info.shape[0], -1)
+        return mins

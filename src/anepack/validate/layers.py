@@ -1,0 +1,146 @@
+"""The layer validator: hidden-state cosine after chosen layers, isolated and cumulative, with blame.
+
+For each chosen layer and every position of every calibration prompt:
+
+- isolated: the exact reference's input to the layer, through the quantized layer, against the
+  exact layer's output (what one layer costs on its own);
+- cumulative: the quantized stack from the embedding up to that layer, against the exact stack
+  (what the errors of all earlier layers add up to: the brief's failure hides here);
+- blame: the layer run isolated with one tensor quantized at a time; each tensor's share of the
+  layer's loss (1 - cosine, summed over positions) says which tensor to give more bits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from anepack.metrics import rowwise_cosine
+from anepack.reference import build
+from anepack.source.gguf_file import GGUFFile
+from anepack.source.weights import source_weights
+from anepack.validate.recipes import tensor_layer
+from anepack.validate.weights import RecipeWeights
+
+
+def sample_layers(n_layers: int, count: int = 5) -> list[int]:
+    """The first and last layers plus evenly spaced ones between: ``count`` layers in all."""
+    if count >= n_layers:
+        return list(range(n_layers))
+    if count <= 1:
+        return [0]
+    return sorted({round(i * (n_layers - 1) / (count - 1)) for i in range(count)})
+
+
+def parse_layer_choice(choice: str, n_layers: int) -> list[int]:
+    """``sample``, ``all`` or a comma list like ``0,5,17``."""
+    if choice == "all":
+        return list(range(n_layers))
+    if choice == "sample":
+        return sample_layers(n_layers)
+    from anepack.validate.recipes import parse_layers
+
+    layers = sorted(parse_layers(choice))
+    bad = [layer for layer in layers if layer >= n_layers]
+    if bad:
+        raise ValueError(f"layer {bad[0]} does not exist (the model has {n_layers})")
+    return layers
+
+
+@dataclass
+class LayerCheck:
+    layer: int
+    isolated: np.ndarray  # cosine per position, all prompts concatenated
+    cumulative: np.ndarray
+    blame: list[dict]
+
+    def passed(self, threshold: float) -> bool:
+        return bool(self.isolated.min() >= threshold and self.cumulative.min() >= threshold)
+
+    def result(self, threshold: float) -> dict:
+        return {
+            "layer": self.layer,
+            "isolated_min": float(self.isolated.min()),
+            "isolated_mean": float(self.isolated.mean()),
+            "cumulative_min": float(self.cumulative.min()),
+            "cumulative_mean": float(self.cumulative.mean()),
+            "passed": self.passed(threshold),
+            "blame": self.blame,
+        }
+
+
+def exact_states(gguf: GGUFFile, token_lists: Sequence[np.ndarray], last_layer: int) -> list[list[np.ndarray]]:
+    """Per prompt: the exact hidden state entering each layer 0..last_layer+1 (index 0 = embedding)."""
+    model = build(gguf.config, source_weights(gguf))
+    states = []
+    for tokens in token_lists:
+        hidden = model.embed(tokens)
+        per_layer = [hidden]
+        for il in range(last_layer + 1):
+            hidden = model.layer(il, hidden)
+            per_layer.append(hidden)
+        states.append(per_layer)
+    return states
+
+
+def _cosines(outputs: list[np.ndarray], references: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate([rowwise_cosine(ref, out) for out, ref in zip(outputs, references)])
+
+
+def validate_layers(
+    gguf: GGUFFile,
+    weights: RecipeWeights,
+    token_lists: Sequence[np.ndarray],
+    layers: Sequence[int],
+    with_blame: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> list[LayerCheck]:
+    """Isolated and cumulative cosine (and blame) for each of ``layers``."""
+    layers = sorted(layers)
+    step = progress or (lambda _: None)
+    step("exact reference")
+    states = exact_states(gguf, token_lists, layers[-1])
+
+    quantized = build(gguf.config, weights)
+    cumulative: dict[int, np.ndarray] = {}
+    hidden = [quantized.embed(tokens) for tokens in token_lists]
+    for il in range(layers[-1] + 1):
+        step(f"cumulative layer {il}")
+        hidden = [quantized.layer(il, h) for h in hidden]
+        if il in layers:
+            cumulative[il] = _cosines(hidden, [s[il + 1] for s in states])
+
+    checks = []
+    for il in layers:
+        inputs = [s[il] for s in states]
+        expected = [s[il + 1] for s in states]
+        isolated = _cosines([quantized.layer(il, x) for x in inputs], expected)
+        blame = _blame(gguf, weights, il, inputs, expected, step) if with_blame else []
+        checks.append(LayerCheck(il, isolated, cumulative[il], blame))
+    return checks
+
+
+def _blame(gguf, weights: RecipeWeights, il: int, inputs, expected, step) -> list[dict]:
+    tensors = sorted(name for name in weights.quantizable if tensor_layer(name) == il)
+    losses = {}
+    minimums = {}
+    for name in tensors:
+        step(f"blame {name}")
+        alone = build(gguf.config, weights.restricted({name}))
+        cosines = _cosines([alone.layer(il, x) for x in inputs], expected)
+        losses[name] = float(np.sum(1.0 - cosines))
+        minimums[name] = float(cosines.min())
+    total = sum(losses.values())
+    rows = []
+    for name in sorted(tensors, key=lambda n: -losses[n]):
+        compressed = weights.compressed(name)
+        rows.append({
+            "tensor": name,
+            "format": weights.recipe.format_for(name).spec,
+            "bits_per_weight": float(compressed.bits_per_weight),
+            "min_cosine": minimums[name],
+            "share": losses[name] / total if total > 0 else 0.0,
+        })
+    return rows

@@ -1,0 +1,189 @@
+"""Validation runs end to end: calibrate, quantize by recipe, measure, and fill a run record.
+
+``ValidationContext`` holds what every check of one model shares (the open GGUF, tokenized
+calibration and validation prompts, importance); ``layers_run``, ``golden_run`` and
+``gate_run`` each return a run record for the history and the report. The pre-flight gate is
+the layer check on a sample of layers; ``require_gate`` is what a full build calls first.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from anepack.errors import AnepackError
+from anepack.golden import Golden, Prompt, Thresholds as GoldenThresholds, compare, load_prompts
+from anepack.reference import build
+from anepack.source.default_model import cache_dir
+from anepack.source.fingerprint import file_fingerprint
+from anepack.source.gguf_file import GGUFFile
+from anepack.source.weights import source_weights
+from anepack.validate.bits import recipe_bits
+from anepack.validate.calibration import Importance, load_or_collect
+from anepack.validate.layers import sample_layers, validate_layers
+from anepack.validate.recipes import Recipe
+from anepack.validate.record import DEFAULT_THRESHOLDS, RunRecord, new_record
+from anepack.validate.weights import RecipeWeights
+
+Progress = Callable[[str], None]
+
+
+def calibration_prompts_path() -> Path:
+    from importlib import resources
+
+    return Path(str(resources.files("anepack") / "data" / "calibration.jsonl"))
+
+
+@dataclass
+class ValidationContext:
+    """One model, its validation prompts (tokenized) and its calibration importance."""
+
+    gguf: GGUFFile
+    prompts: list[Prompt]
+    tokens: list[np.ndarray]
+    importance: Importance | None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def prepare(
+        cls,
+        gguf: GGUFFile,
+        prompts_path: str | Path | None = None,
+        use_importance: bool = True,
+        progress: Progress | None = None,
+    ) -> ValidationContext:
+        from anepack.tokenizer import Tokenizer
+
+        step = progress or (lambda _: None)
+        started = time.perf_counter()
+        prompts = load_prompts(prompts_path)
+        with Tokenizer(gguf.path) as tokenizer:
+            tokens = [np.asarray(tokenizer.encode(p.text), dtype=np.int64) for p in prompts]
+            importance = None
+            if use_importance:
+                step("calibration")
+                calibration = load_prompts(calibration_prompts_path())
+                calibration_tokens = [np.asarray(tokenizer.encode(p.text), dtype=np.int64) for p in calibration]
+                cache = cache_dir() / "calibration" / f"{file_fingerprint(gguf.path)}.npz"
+                importance = load_or_collect(gguf, calibration, calibration_tokens, cache)
+        context = cls(gguf, prompts, tokens, importance)
+        context.timings["prepare_s"] = time.perf_counter() - started
+        return context
+
+    def weights(self, recipe: Recipe) -> RecipeWeights:
+        return RecipeWeights(self.gguf, recipe, self.importance)
+
+    def record(self, kind: str, recipe: Recipe, thresholds: dict) -> RunRecord:
+        record = new_record(kind, self.gguf.path, recipe, {**DEFAULT_THRESHOLDS, **thresholds})
+        record["tensors"], record["bits"] = recipe_bits(self.gguf, recipe)
+        record["timings"].update(self.timings)
+        if self.importance is None:
+            record["notes"].append("clustering and rounding without calibration importance")
+        else:
+            record["notes"].append(f"importance from {self.importance.tokens} calibration tokens")
+        return record
+
+
+def layers_run(
+    context: ValidationContext,
+    recipe: Recipe,
+    layers: list[int],
+    min_layer_cosine: float = DEFAULT_THRESHOLDS["min_layer_cosine"],
+    with_blame: bool = True,
+    kind: str = "layers",
+    weights: RecipeWeights | None = None,
+    progress: Progress | None = None,
+) -> RunRecord:
+    """The layer validator on ``layers``: isolated and cumulative cosine, blame, verdict."""
+    started = time.perf_counter()
+    record = context.record(kind, recipe, {"min_layer_cosine": min_layer_cosine})
+    weights = weights or context.weights(recipe)
+    checks = validate_layers(context.gguf, weights, context.tokens, layers, with_blame, progress)
+    record["layers"] = [check.result(min_layer_cosine) for check in checks]
+    record["passed"] = all(layer["passed"] for layer in record["layers"])
+    record["timings"]["layers_s"] = time.perf_counter() - started
+    return record
+
+
+def golden_run(
+    context: ValidationContext,
+    recipe: Recipe,
+    golden: Golden | None = None,
+    min_logit_cosine: float = DEFAULT_THRESHOLDS["min_logit_cosine"],
+    min_top1: float = DEFAULT_THRESHOLDS["min_top1"],
+    weights: RecipeWeights | None = None,
+    progress: Progress | None = None,
+) -> RunRecord:
+    """The full quantized stack on every prompt against the golden logits.
+
+    With a golden file the reference logits are llama.cpp's; without one they are the exact
+    numpy reference's on the validation prompts (tighter: no llama.cpp activation rounding).
+    """
+    step = progress or (lambda _: None)
+    started = time.perf_counter()
+    record = context.record("golden", recipe, {"min_logit_cosine": min_logit_cosine, "min_top1": min_top1})
+    thresholds = GoldenThresholds(min_logit_cosine, min_top1)
+    quantized = build(context.gguf.config, weights or context.weights(recipe))
+    if golden is not None:
+        cases = [(p.name, p.tokens, np.asarray(p.logits, np.float32)) for p in golden.prompts]
+        record["notes"].append(f"golden logits from {golden.referee}")
+    else:
+        exact = build(context.gguf.config, source_weights(context.gguf))
+        cases = []
+        for prompt, tokens in zip(context.prompts, context.tokens):
+            step(f"exact {prompt.name}")
+            cases.append((prompt.name, tokens, exact.forward(tokens).logits))
+        record["notes"].append("golden logits from the exact numpy reference of the source model")
+    for name, tokens, expected in cases:
+        step(f"quantized {name}")
+        check = compare(name, expected, quantized.forward(tokens).logits)
+        record["prompts"].append(check.summary(thresholds))
+    record["passed"] = all(p["passed"] for p in record["prompts"])
+    record["timings"]["golden_s"] = time.perf_counter() - started
+    return record
+
+
+def gate_run(
+    context: ValidationContext,
+    recipe: Recipe,
+    sample: int = 5,
+    min_layer_cosine: float = DEFAULT_THRESHOLDS["min_layer_cosine"],
+    progress: Progress | None = None,
+) -> RunRecord:
+    """The pre-flight gate: the layer validator on the first, last and evenly spaced layers."""
+    layers = sample_layers(context.gguf.config.n_layers, sample)
+    return layers_run(context, recipe, layers, min_layer_cosine, True, "gate", progress=progress)
+
+
+class GateFailed(AnepackError):
+    """A build refused because the pre-flight gate failed; names the layers and tensors to blame."""
+
+
+def blamed_tensors(record: RunRecord) -> list[str]:
+    """The most-blamed tensor of every failing layer."""
+    return [layer["blame"][0]["tensor"] for layer in record["layers"] if not layer["passed"] and layer["blame"]]
+
+
+def require_gate(record: RunRecord, force: bool = False) -> RunRecord:
+    """Stop a build on a failed gate, naming the blamed tensors; ``force`` overrides and is recorded."""
+    if record["passed"]:
+        return record
+    if force:
+        record["forced"] = True
+        record["notes"].append("gate failed and was overridden with --force")
+        return record
+    failing = [layer for layer in record["layers"] if not layer["passed"]]
+    worst = min(failing, key=lambda layer: min(layer["isolated_min"], layer["cumulative_min"]))
+    raise GateFailed(
+        record["model"],
+        f"pre-flight gate failed for recipe {record['recipe']['name']!r}: "
+        f"layers {', '.join(str(layer['layer']) for layer in failing)} below cosine "
+        f"{record['thresholds']['min_layer_cosine']} (worst: layer {worst['layer']}, "
+        f"min {min(worst['isolated_min'], worst['cumulative_min']):.4f}); "
+        f"blamed tensors: {', '.join(blamed_tensors(record)) or 'none measured'} "
+        "(use --force to build anyway)",
+    )
