@@ -127,6 +127,16 @@ def test_fast_is_within_tolerance_of_exact(seed, n_groups, n, k, weighted):
     assert (fast >= exact * (1 - 1e-6)).all()
 
 
+def test_fast_is_exact_on_long_groups_with_few_distinct_values():
+    """One LUT for a whole (already quantized) tensor: the exact DP is cheap and is used."""
+    rng = np.random.default_rng(11)
+    levels = np.sort(rng.standard_t(3.0, size=600)).astype(np.float32)
+    values = levels[rng.integers(0, levels.size, size=(1, 60000))]
+    optimum = clustering_error(values, *kmeans_1d_exact(values, 16))
+    centroids, labels = kmeans_1d(values, 16)
+    np.testing.assert_allclose(clustering_error(values, centroids, labels), optimum, rtol=1e-9)
+
+
 def test_exact_agrees_with_coremltools_kmeans1d_on_a_large_group():
     """coremltools' bundled kmeans1d (an independent exact O(kn) C++ solver) on the unique
     fp16 values with counts as weights, exactly as palettize_weights calls it."""

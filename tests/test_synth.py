@@ -195,7 +195,7 @@ def test_llama_cpp_reads_q8_0_weights_like_the_f32_ones(tmp_path):
     ("llama", {"n_embd": 130}, "n_embd (130) must be a multiple of n_head (4)"),
     ("llama", {"n_vocab": 100}, "n_vocab must be between"),
     ("llama", {"n_experts": 4}, "unknown llama dimension(s) n_experts"),
-    ("gemma4", {}, "unknown synthetic architecture"),
+    ("mamba", {}, "unknown synthetic architecture"),
     ("llama", {"n_ff": 100, "weight_type": "q8_0"}, "q8_0 needs row lengths divisible by 32"),
 ])
 def test_bad_dimensions_raise_one_line_errors_and_write_nothing(tmp_path, arch, dims, problem):

@@ -4,7 +4,9 @@ One frozen dataclass of dimensions per architecture says what the model looks li
 hyperparameter keys and its tensor plan (llama.cpp's names and shapes). Weights are drawn
 per tensor from a generator seeded by (seed, tensor name), with the statistics of real
 checkpoints: Student-t tails, a few boosted input channels per linear weight, and positive
-norm gains. The vocabulary is a sentencepiece-style ("llama" tokenizer model) list with
+norm gains; expert banks are drawn expert by expert, each with its own scale and rare large
+outliers. Files are written tensor by tensor, so a real-size gemma4 bank is the most memory a
+write needs. The vocabulary is a sentencepiece-style ("llama" tokenizer model) list with
 control tokens, the 256 byte-fallback tokens and scored pieces, so any UTF-8 text tokenizes.
 Adding an architecture means adding one dims class and registering it in ARCHITECTURES.
 """
@@ -17,7 +19,7 @@ import math
 import os
 import string
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, NamedTuple
@@ -337,9 +339,250 @@ class LlamaDims:
         return plan
 
 
-SynthDims = Gemma3Dims | LlamaDims
+# Gemma 4's router reads a unit-RMS input (RMSNorm / sqrt(n_embd) * ffn_gate_inp.scale, the scale
+# around sqrt(n_embd)); router weights of this gain give logits of this standard deviation, so
+# softmax routing is peaked and top-k choices are not near-ties.
+ROUTER_LOGIT_STD = 2.0
+# layer_output_scale multiplies the whole residual stream; values around this keep later layers'
+# contributions large relative to the stream, as in the real models.
+OUTPUT_SCALE_GAIN = 0.6
+# Expert banks: each expert's weights scaled by its own log-normal factor (about 6x between the
+# extremes of 128 experts), and rare single weights 40-100x the expert's RMS, so that one
+# per-tensor scale over a bank is set by a handful of values (the failure the brief describes).
+EXPERT_SCALE_SPREAD = 0.35
+EXPERT_OUTLIER_RATE = 1e-5
+EXPERT_OUTLIER_SIZE = (40.0, 100.0)
+# The partial rotation of Gemma 4's global layers: llama.cpp's converter writes rope_freqs with
+# 1 for the pairs that rotate and this factor (angle / 1e30: no rotation) for the others.
+UNROTATED_FREQ_FACTOR = 1e30
 
-ARCHITECTURES: dict[str, type[SynthDims]] = {cls.ARCH: cls for cls in (Gemma3Dims, LlamaDims)}
+
+@dataclass(frozen=True)
+class Gemma4Dims:
+    """A small Gemma 4: per-layer head sizes and KV heads, proportional RoPE, soft-capped logits.
+
+    Layer il is global when il % sliding_period == sliding_period - 1 (the GGUF stores the
+    flags per layer); global layers have their own head size, KV head count and, with
+    `global_values_from_keys`, no attn_v (V is K's projection). Optional: an MoE bank beside the
+    dense MLP in every layer (`n_expert` > 0; fused gate/up bank or split banks), per-layer
+    embeddings (`n_embd_per_layer` > 0) and KV sharing over the last `n_kv_shared_layers`
+    layers, whose MLP is twice as wide with `double_wide_shared_mlp` (as in E2B). PRESETS name
+    the variants `anepack synth` offers. Norm gains are stored raw (Gemma 4 has no 1 + w).
+    """
+
+    ARCH: ClassVar[str] = "gemma4"
+    TOKENS: ClassVar[SpecialTokens] = Gemma3Dims.TOKENS
+    PRESETS: ClassVar[dict[str, dict]] = {
+        "dense": {},
+        # MoE: a dense MLP and 16 routed experts (top-4) in every layer, fused gate/up bank.
+        "moe": {"n_layer": 4, "n_embd": 256, "n_ff": 384, "n_expert": 16, "n_expert_used": 4, "n_ff_exp": 128},
+        # E2B-style: per-layer embeddings, the last 3 layers reuse layer 1's (sliding) and
+        # layer 2's (global) keys and values, double-wide MLP there, V projected everywhere.
+        "ple": {"n_layer": 6, "n_embd_per_layer": 32, "n_kv_shared_layers": 3, "double_wide_shared_mlp": True,
+                "global_values_from_keys": False},
+        # Gemma 4 26B-A4B's dimensions (30 layers, 5 sliding : 1 global, V = K on global layers).
+        "26b-a4b": {"n_layer": 30, "n_embd": 2816, "n_head": 16, "n_head_kv": 8, "n_head_kv_global": 2,
+                    "head_dim": 256, "head_dim_global": 512, "n_ff": 2112, "n_expert": 128, "n_expert_used": 8,
+                    "n_ff_exp": 704, "sliding_window": 1024, "sliding_period": 6, "n_ctx": 262144,
+                    "final_logit_softcap": 30.0},
+    }
+    # A real-size file is written in bf16 unless asked otherwise (f32 would double its gigabytes).
+    PRESET_WEIGHT_TYPES: ClassVar[dict[str, str]] = {"26b-a4b": "bf16"}
+
+    n_layer: int = 6
+    n_embd: int = 128
+    n_head: int = 4
+    n_head_kv: int = 2  # sliding-window layers
+    n_head_kv_global: int = 1
+    head_dim: int = 32  # sliding-window layers
+    head_dim_global: int = 64
+    rotary_fraction_global: float = 0.25  # of the global head's pairs that rotate
+    n_ff: int = 256
+    double_wide_shared_mlp: bool = False
+    n_vocab: int = 2048
+    n_ctx: int = 512
+    sliding_window: int = 16
+    sliding_period: int = 3
+    rope_freq_base: float = 1_000_000.0
+    rope_freq_base_swa: float = 10_000.0
+    rms_eps: float = 1e-6
+    # Half of Gemma 4's 30: the synthetic logits peak near 15 where real ones reach 30, and the
+    # cap should bend the top logits as it does in the real model.
+    final_logit_softcap: float = 15.0
+    global_values_from_keys: bool = True
+    n_expert: int = 0
+    n_expert_used: int = 0
+    n_ff_exp: int = 0
+    fused_gate_up: bool = True
+    n_embd_per_layer: int = 0
+    n_kv_shared_layers: int = 0
+
+    def is_sliding(self, layer: int) -> bool:
+        return layer % self.sliding_period < self.sliding_period - 1
+
+    def layer_head_dim(self, layer: int) -> int:
+        return self.head_dim if self.is_sliding(layer) else self.head_dim_global
+
+    def layer_n_head_kv(self, layer: int) -> int:
+        return self.n_head_kv if self.is_sliding(layer) else self.n_head_kv_global
+
+    @property
+    def first_shared_layer(self) -> int:
+        return self.n_layer - self.n_kv_shared_layers
+
+    def layer_n_ff(self, layer: int) -> int:
+        wide = self.double_wide_shared_mlp and layer >= self.first_shared_layer
+        return 2 * self.n_ff if wide else self.n_ff
+
+    def problems(self) -> list[str]:
+        problems = _attention_problems(self) + _positive_problems(
+            self, "n_head_kv_global", "head_dim_global", "sliding_window", "sliding_period", "rope_freq_base_swa"
+        )
+        if problems:
+            return problems
+        if self.n_head % self.n_head_kv_global:
+            problems.append(f"n_head ({self.n_head}) must be a multiple of n_head_kv_global ({self.n_head_kv_global})")
+        rotated = self.head_dim_global // 2 * self.rotary_fraction_global
+        if self.head_dim_global % 2 or not 0 < self.rotary_fraction_global <= 1 or rotated != int(rotated):
+            problems.append("rotary_fraction_global must rotate a whole number of the global head's pairs")
+        if self.n_expert < 0 or self.n_embd_per_layer < 0 or self.n_kv_shared_layers < 0 or self.final_logit_softcap < 0:
+            problems.append("n_expert, n_embd_per_layer, n_kv_shared_layers and final_logit_softcap must be >= 0")
+        if self.n_expert and not (0 < self.n_expert_used <= self.n_expert and self.n_ff_exp > 0):
+            problems.append(f"an MoE needs 0 < n_expert_used <= n_expert ({self.n_expert}) and n_ff_exp > 0")
+        if not self.n_expert and (self.n_expert_used or self.n_ff_exp):
+            problems.append("n_expert_used and n_ff_exp need n_expert > 0")
+        if not any(self.is_sliding(il) for il in range(self.n_layer)):
+            problems.append("at least one layer must be sliding-window (llama.cpp aborts otherwise): "
+                            "raise sliding_period or n_layer")
+        # llama.cpp reuses the KV of layer first_shared - 2 on shared sliding layers and of
+        # first_shared - 1 on shared global ones, and needs two layers with their own KV.
+        first = self.first_shared_layer
+        if first < 2:
+            problems.append(f"n_kv_shared_layers ({self.n_kv_shared_layers}) must leave at least 2 layers with their own KV")
+        elif self.n_kv_shared_layers and (not self.is_sliding(first - 2) or self.is_sliding(first - 1)):
+            problems.append(f"KV sharing needs layer {first - 2} sliding and layer {first - 1} global "
+                            f"(sliding_period {self.sliding_period})")
+        return problems
+
+    def write_hparams(self, writer: GGUFWriter) -> None:
+        layers = range(self.n_layer)
+        writer.add_context_length(self.n_ctx)
+        writer.add_embedding_length(self.n_embd)
+        writer.add_block_count(self.n_layer)
+        n_ff = [self.layer_n_ff(il) for il in layers]
+        writer.add_feed_forward_length(n_ff if len(set(n_ff)) > 1 else self.n_ff)
+        writer.add_head_count(self.n_head)
+        writer.add_head_count_kv([self.layer_n_head_kv(il) for il in layers])
+        writer.add_key_length(self.head_dim_global)
+        writer.add_value_length(self.head_dim_global)
+        writer.add_key_length_swa(self.head_dim)
+        writer.add_value_length_swa(self.head_dim)
+        writer.add_rope_dimension_count(self.head_dim_global)
+        writer.add_rope_dimension_count_swa(self.head_dim)
+        writer.add_layer_norm_rms_eps(self.rms_eps)
+        writer.add_rope_freq_base(self.rope_freq_base)
+        writer.add_rope_freq_base_swa(self.rope_freq_base_swa)
+        writer.add_sliding_window(self.sliding_window)
+        writer.add_sliding_window_pattern([self.is_sliding(il) for il in layers])
+        writer.add_final_logit_softcapping(self.final_logit_softcap)
+        writer.add_shared_kv_layers(self.n_kv_shared_layers)
+        writer.add_embedding_length_per_layer_input(self.n_embd_per_layer)
+        if self.n_expert:
+            writer.add_expert_count(self.n_expert)
+            writer.add_expert_used_count(self.n_expert_used)
+            writer.add_expert_feed_forward_length(self.n_ff_exp)
+
+    def tensor_plan(self) -> list[TensorPlan]:
+        embd, per_layer = self.n_embd, self.n_embd_per_layer
+        plan = [
+            TensorPlan(_tensor_name(MODEL_TENSOR.TOKEN_EMBD), (self.n_vocab, embd), "embedding", LOGIT_STD),
+            TensorPlan(_tensor_name(MODEL_TENSOR.OUTPUT_NORM), (embd,), "norm"),
+        ]
+        if not all(self.is_sliding(il) for il in range(self.n_layer)):
+            plan.append(TensorPlan(_tensor_name(MODEL_TENSOR.ROPE_FREQS), (self.head_dim_global // 2,), "rope_freqs",
+                                   self.rotary_fraction_global))
+        if per_layer:
+            plan += [
+                # gain sqrt(n_layer): rows of RMS 1 / sqrt(n_embd_per_layer), unit RMS once llama.cpp
+                # scales them by sqrt(n_embd_per_layer), like the normed projection they join
+                TensorPlan(_tensor_name(MODEL_TENSOR.PER_LAYER_TOKEN_EMBD), (self.n_vocab, self.n_layer * per_layer),
+                           "embedding", math.sqrt(self.n_layer)),
+                TensorPlan(_tensor_name(MODEL_TENSOR.PER_LAYER_MODEL_PROJ), (self.n_layer * per_layer, embd), "linear"),
+                TensorPlan(_tensor_name(MODEL_TENSOR.PER_LAYER_PROJ_NORM), (per_layer,), "norm"),
+            ]
+        for il in range(self.n_layer):
+            plan += self._layer_plan(il)
+        return plan
+
+    def _layer_plan(self, il: int) -> list[TensorPlan]:
+        embd, hd, n_ff = self.n_embd, self.layer_head_dim(il), self.layer_n_ff(il)
+        q_dim, kv_dim = self.n_head * hd, self.layer_n_head_kv(il) * hd
+        # Gemma 4 does not scale queries (attention scale 1): q and k norm gains of
+        # head_dim**-0.25 give scores of unit scale, as Gemma 3's 1/sqrt(head_dim) does. With
+        # gains of 1, softmax is nearly one-hot and llama.cpp's float16 GELU table alone moves
+        # the logits of a 6-layer model to cosine 0.977.
+        qk_gain = hd**-0.25
+        plan = [
+            TensorPlan(_tensor_name(MODEL_TENSOR.ATTN_NORM, il), (embd,), "norm"),
+            TensorPlan(_tensor_name(MODEL_TENSOR.ATTN_Q, il), (q_dim, embd), "linear"),
+            TensorPlan(_tensor_name(MODEL_TENSOR.ATTN_Q_NORM, il), (hd,), "norm", qk_gain),
+        ]
+        if il < self.first_shared_layer:
+            plan += [
+                TensorPlan(_tensor_name(MODEL_TENSOR.ATTN_K, il), (kv_dim, embd), "linear"),
+                TensorPlan(_tensor_name(MODEL_TENSOR.ATTN_K_NORM, il), (hd,), "norm", qk_gain),
+            ]
+            if self.is_sliding(il) or not self.global_values_from_keys:
+                plan.append(TensorPlan(_tensor_name(MODEL_TENSOR.ATTN_V, il), (kv_dim, embd), "linear"))
+        plan += [
+            TensorPlan(_tensor_name(MODEL_TENSOR.ATTN_OUT, il), (embd, q_dim), "linear"),
+            TensorPlan(_tensor_name(MODEL_TENSOR.ATTN_POST_NORM, il), (embd,), "norm", POST_NORM_GAIN),
+            TensorPlan(_tensor_name(MODEL_TENSOR.FFN_NORM, il), (embd,), "norm"),
+            TensorPlan(_tensor_name(MODEL_TENSOR.FFN_GATE, il), (n_ff, embd), "linear"),
+            TensorPlan(_tensor_name(MODEL_TENSOR.FFN_UP, il), (n_ff, embd), "linear"),
+            TensorPlan(_tensor_name(MODEL_TENSOR.FFN_DOWN, il), (embd, n_ff), "linear"),
+            TensorPlan(_tensor_name(MODEL_TENSOR.FFN_POST_NORM, il), (embd,), "norm", POST_NORM_GAIN),
+            TensorPlan(_tensor_name(MODEL_TENSOR.LAYER_OUT_SCALE, il), (1,), "norm", OUTPUT_SCALE_GAIN),
+        ]
+        if self.n_expert:
+            plan += self._expert_plan(il)
+        if self.n_embd_per_layer:
+            plan += [
+                TensorPlan(_tensor_name(MODEL_TENSOR.PER_LAYER_INP_GATE, il), (self.n_embd_per_layer, embd), "linear"),
+                TensorPlan(_tensor_name(MODEL_TENSOR.PER_LAYER_PROJ, il), (embd, self.n_embd_per_layer), "linear"),
+                TensorPlan(_tensor_name(MODEL_TENSOR.PER_LAYER_POST_NORM, il), (embd,), "norm"),
+            ]
+        return plan
+
+    def _expert_plan(self, il: int) -> list[TensorPlan]:
+        embd, n_expert, n_ff_exp = self.n_embd, self.n_expert, self.n_ff_exp
+        router = TENSOR_NAMES[MODEL_TENSOR.FFN_GATE_INP].format(bid=il)
+        down = TENSOR_NAMES[MODEL_TENSOR.FFN_DOWN_EXP].format(bid=il)
+        plan = [
+            TensorPlan(f"{router}.weight", (n_expert, embd), "linear", ROUTER_LOGIT_STD),
+            TensorPlan(f"{router}.scale", (embd,), "norm", math.sqrt(embd)),
+            TensorPlan(_tensor_name(MODEL_TENSOR.FFN_PRE_NORM_2, il), (embd,), "norm"),
+            TensorPlan(_tensor_name(MODEL_TENSOR.FFN_POST_NORM_1, il), (embd,), "norm"),
+            TensorPlan(_tensor_name(MODEL_TENSOR.FFN_POST_NORM_2, il), (embd,), "norm"),
+        ]
+        if self.fused_gate_up:
+            plan.append(TensorPlan(_tensor_name(MODEL_TENSOR.FFN_GATE_UP_EXP, il), (n_expert, 2 * n_ff_exp, embd),
+                                   "experts"))
+        else:
+            plan += [
+                TensorPlan(_tensor_name(MODEL_TENSOR.FFN_GATE_EXP, il), (n_expert, n_ff_exp, embd), "experts"),
+                TensorPlan(_tensor_name(MODEL_TENSOR.FFN_UP_EXP, il), (n_expert, n_ff_exp, embd), "experts"),
+            ]
+        plan += [
+            TensorPlan(f"{down}.weight", (n_expert, embd, n_ff_exp), "experts"),
+            TensorPlan(f"{down}.scale", (n_expert,), "norm"),
+        ]
+        return plan
+
+
+SynthDims = Gemma3Dims | LlamaDims | Gemma4Dims
+
+ARCHITECTURES: dict[str, type[SynthDims]] = {cls.ARCH: cls for cls in (Gemma3Dims, LlamaDims, Gemma4Dims)}
 
 
 def _positive_problems(dims: SynthDims, *names: str) -> list[str]:
@@ -386,6 +629,16 @@ def synthetic_dims(arch: str, path: str | Path | None = None, layers: int | None
     return result
 
 
+def preset(arch: str, name: str, path: str | Path | None = None) -> tuple[dict, str]:
+    """The dims overrides and the default weight type of the named variant `name` of `arch`."""
+    cls = ARCHITECTURES.get(arch)
+    presets = getattr(cls, "PRESETS", {})
+    if name not in presets:
+        known = ", ".join(presets) or "none"
+        raise AnepackError(path, f"{arch} has no {name!r} variant (variants: {known})")
+    return dict(presets[name]), cls.PRESET_WEIGHT_TYPES.get(name, "f32")
+
+
 def parameter_count(dims: SynthDims) -> int:
     """Number of weights the model stores (a tied LM head is counted once)."""
     return sum(math.prod(tensor.shape) for tensor in dims.tensor_plan())
@@ -421,20 +674,67 @@ def _norm(rng: np.random.Generator, shape: tuple[int, ...], gain: float) -> np.n
     return gain * np.exp(NORM_GAIN_SPREAD * rng.standard_normal(shape))
 
 
-SAMPLERS = {"linear": _linear, "embedding": _embedding, "norm": _norm}
+def _rope_freqs(rng: np.random.Generator, shape: tuple[int, ...], gain: float) -> np.ndarray:
+    # Not random: 1 for the first `gain` fraction of the pairs (they rotate), then factors that stop rotation.
+    rotated = round(shape[0] * gain)
+    return np.concatenate([np.ones(rotated), np.full(shape[0] - rotated, UNROTATED_FREQ_FACTOR)])
+
+
+SAMPLERS = {"linear": _linear, "embedding": _embedding, "norm": _norm, "rope_freqs": _rope_freqs}
+
+
+def _rng(plan: TensorPlan, seed: int, *stream: int) -> np.random.Generator:
+    return np.random.default_rng([seed, zlib.crc32(plan.name.encode()), *stream])
 
 
 def synthesize_tensor(plan: TensorPlan, seed: int) -> np.ndarray:
     """The float32 values of one planned tensor; depends only on (seed, name, shape, kind)."""
-    rng = np.random.default_rng([seed, zlib.crc32(plan.name.encode())])
-    return SAMPLERS[plan.kind](rng, plan.shape, plan.gain).astype(np.float32)
+    if plan.kind == "experts":
+        return np.stack([synthesize_expert(plan, seed, index) for index in range(plan.shape[0])])
+    return SAMPLERS[plan.kind](_rng(plan, seed), plan.shape, plan.gain).astype(np.float32)
 
 
-def _stored(values: np.ndarray, weight_type: WeightType) -> tuple[np.ndarray, GGMLQuantizationType]:
-    """The array GGUFWriter takes for a tensor, and its GGML type: 1-D tensors stay F32."""
+def synthesize_expert(plan: TensorPlan, seed: int, index: int) -> np.ndarray:
+    """Expert `index` of a planned bank ``[E, out, in]`` alone, float32 ``[out, in]``.
+
+    A heavy-tailed linear weight times the expert's own log-normal scale, with rare single
+    weights EXPERT_OUTLIER_SIZE times the expert's RMS; the bank is the stack of its experts.
+    """
+    scale = np.exp(EXPERT_SCALE_SPREAD * _rng(plan, seed).standard_normal(plan.shape[0]))[index]
+    rng = _rng(plan, seed, index + 1)
+    weight = _linear(rng, plan.shape[1:], plan.gain * float(scale))
+    count = rng.poisson(EXPERT_OUTLIER_RATE * weight.size)
+    where = rng.integers(0, weight.size, size=count)
+    signs = rng.choice([-1.0, 1.0], size=count)
+    weight.flat[where] = signs * rng.uniform(*EXPERT_OUTLIER_SIZE, size=count) * np.sqrt(np.mean(weight**2))
+    return weight.astype(np.float32)
+
+
+def _stored_type(shape: tuple[int, ...], weight_type: WeightType) -> GGMLQuantizationType:
+    """1-D tensors (norms, scales) stay F32; the others take the file's weight type."""
+    return GGMLQuantizationType.F32 if len(shape) < 2 else weight_type.ggml_type
+
+
+def _stored_nbytes(shape: tuple[int, ...], ggml_type: GGMLQuantizationType) -> int:
+    block_size, type_size = GGML_QUANT_SIZES[ggml_type]
+    return math.prod(shape[:-1]) * (shape[-1] // block_size) * type_size
+
+
+def _stored(values: np.ndarray, weight_type: WeightType) -> np.ndarray:
+    """The bytes GGUFWriter writes for a tensor (any array with the right nbytes)."""
     if values.ndim < 2:
-        return values, GGMLQuantizationType.F32
-    return quantize(values, weight_type.ggml_type), weight_type.ggml_type
+        return values
+    return quantize(values, weight_type.ggml_type)
+
+
+def _stored_tensor(plan: TensorPlan, seed: int, weight_type: WeightType) -> np.ndarray:
+    if plan.kind != "experts":
+        return _stored(synthesize_tensor(plan, seed), weight_type)
+    # One expert at a time: a bank of the real 26B-A4B is a gigabyte even in bf16, several as float64 draws.
+    bank = np.empty((plan.shape[0], _stored_nbytes(plan.shape[1:], weight_type.ggml_type)), dtype=np.uint8)
+    for index in range(plan.shape[0]):
+        bank[index] = _stored(synthesize_expert(plan, seed, index), weight_type).view(np.uint8).reshape(-1)
+    return bank
 
 
 # ---------------------------------------------------------------------------------------
@@ -448,12 +748,15 @@ def write_synthetic_gguf(
     layers: int | None = None,
     seed: int = 0,
     weight_type: str = "f32",
+    progress: Callable[[str], None] | None = None,
     **dims,
 ) -> Path:
     """Write a synthetic `arch` model to `path` atomically and return the path.
 
     Same arguments, same bytes. `dims` override the fields of the architecture's dims class
-    (e.g. n_embd=256, sliding_window=8, tied_embeddings=True for llama).
+    (e.g. n_embd=256, sliding_window=8, tied_embeddings=True for llama, or a variant's
+    overrides from `preset`). `progress` is called with each tensor's name before its data is
+    written (a real-size gemma4 file takes minutes).
     """
     out = Path(path)
     model = synthetic_dims(arch, out, layers, **dims)
@@ -478,12 +781,18 @@ def write_synthetic_gguf(
         writer.add_quantization_version(GGML_QUANT_VERSION)
         model.write_hparams(writer)
         _write_vocab(writer, build_spm_vocab(model.n_vocab, model.TOKENS), model.TOKENS)
+        # Tensor infos first, then the data tensor by tensor: only one tensor is in memory at a time.
         for tensor in plan:
-            stored, ggml_type = _stored(synthesize_tensor(tensor, seed), stored_as)
-            writer.add_tensor(tensor.name, stored, raw_dtype=ggml_type)
+            ggml_type = _stored_type(tensor.shape, stored_as)
+            nbytes = _stored_nbytes(tensor.shape, ggml_type)
+            writer.add_tensor_info(tensor.name, tensor.shape, np.dtype(np.float32), nbytes, raw_dtype=ggml_type)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        writer.write_ti_data_to_file()
+        for tensor in plan:
+            if progress is not None:
+                progress(tensor.name)
+            writer.write_tensor_data(_stored_tensor(tensor, seed, stored_as))
         writer.close()
         os.replace(staging, out)
     finally:

@@ -49,6 +49,12 @@ def _register() -> None:
 
     main.add_command(validate_cmds.recipes)
     main.add_command(validate_cmds.validate)
+    main.add_command(validate_cmds.recipe_group)
+
+    from anepack.cli import quant_cmds
+
+    main.add_command(quant_cmds.quantize_tensor)
+    main.add_command(quant_cmds.sweep)
 
 
 _register()

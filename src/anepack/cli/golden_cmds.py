@@ -65,11 +65,15 @@ def render_checks(doc: dict, title: str) -> None:
 @click.option("--min-cosine", default=0.99, show_default=True, help="Per-position logit cosine bar.")
 @click.option("--min-top1", default=0.95, show_default=True, help="Per-prompt top-1 agreement bar.")
 @click.option("--fp16", is_flag=True, help="Run the reference with every intermediate rounded to float16.")
+@click.option("--emulate-llamacpp", is_flag=True,
+              help="Compute matmuls and GELU as llama.cpp's CPU backend does (activation quantization).")
 @json_option
-def check_command(paths: tuple[str, ...], min_cosine: float, min_top1: float, fp16: bool, as_json: bool) -> None:
+def check_command(paths: tuple[str, ...], min_cosine: float, min_top1: float, fp16: bool, emulate_llamacpp: bool,
+                  as_json: bool) -> None:
     """Run the numpy reference of MODEL on GOLDEN's prompts and compare with llama.cpp's logits."""
     from anepack import golden as golden_lib
     from anepack.reference import build
+    from anepack.reference.llamacpp_emulation import LlamaCppArithmetic
     from anepack.source.gguf_file import open_gguf
     from anepack.source.weights import source_weights
 
@@ -79,7 +83,8 @@ def check_command(paths: tuple[str, ...], min_cosine: float, min_top1: float, fp
     golden_file = golden_lib.Golden.load(paths[-1])
     thresholds = golden_lib.Thresholds(min_cosine, min_top1)
     with open_gguf(model_path) as gguf:
-        model = build(gguf.config, source_weights(gguf), fp16=fp16)
+        emulate = LlamaCppArithmetic(gguf) if emulate_llamacpp else None
+        model = build(gguf.config, source_weights(gguf), fp16=fp16, emulate=emulate)
         vocab = gguf.config.vocab_size
         if golden_file.prompts and golden_file.prompts[0].logits.shape[-1] != vocab:
             raise AnepackError(paths[-1], f"golden logits have {golden_file.prompts[0].logits.shape[-1]} "
@@ -95,6 +100,7 @@ def check_command(paths: tuple[str, ...], min_cosine: float, min_top1: float, fp
         "golden_model": golden_file.model,
         "same_model_file": golden_lib.file_fingerprint(model_path) == golden_file.fingerprint,
         "fp16": fp16,
+        "emulate_llamacpp": emulate_llamacpp,
         "thresholds": {"min_cosine": min_cosine, "min_top1": min_top1},
         "prompts": summaries,
         "passed": all(s["passed"] for s in summaries),

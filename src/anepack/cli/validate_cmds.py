@@ -179,3 +179,53 @@ def golden_command(model, recipe_name, golden_path, min_cosine, min_top1, prompt
         console.print(_bits_line(doc["bits"]))
 
     emit(document, as_json, render)
+
+
+@click.group("recipe")
+def recipe_group() -> None:
+    """Recipe tools: search for a mixed-bit recipe."""
+
+
+@recipe_group.command("search")
+@model_argument
+@click.option("--max-bpw", default=5.0, show_default=True, help="Most bits per weight over the layers' matrices.")
+@click.option("--min-layer-cos", default=0.98, show_default=True,
+              help="Cumulative hidden-state cosine every layer must keep on the calibration prompts.")
+@click.option("--allow-gpu-formats", is_flag=True, help="Also consider formats that fall off the ANE (int4 per-block).")
+@click.option("--name", default="searched", show_default=True, help="Name of the written recipe.")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Recipe TOML to write.")
+@importance_option
+@json_option
+def search_command(model, max_bpw, min_layer_cos, allow_gpu_formats, name, out_path, importance, as_json):
+    """Apple-style mixed-bit search: score tensors alone, add them cumulatively, fewest bits that keep the target."""
+    from anepack.validate.run import calibrate, calibration_tokens
+    from anepack.validate.search import search_recipe
+
+    with open_gguf(resolve_model(model)) as gguf:
+        with err_console.status("recipe search") as status:
+            _, tokens = calibration_tokens(gguf)
+            importance_vectors = calibrate(gguf) if importance else None
+            result = search_recipe(gguf, tokens, importance_vectors, min_layer_cos, max_bpw, name,
+                                   allow_gpu_formats, progress=status.update)
+    path = Path(out_path)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(result.recipe.text)
+    partial.replace(path)
+    counts: dict[str, int] = {}
+    for rule in result.recipe.rules:
+        counts[rule.format.spec] = counts.get(rule.format.spec, 0) + (len(rule.layers) if rule.layers else 1)
+    document = {"recipe": str(path), "name": name, "bits": result.bits, "tensors_per_format": counts,
+                "layer_cosine": result.layer_cosine, "head_cosine": result.head_cosine, "head_top1": result.head_top1}
+
+    def render(doc: dict) -> None:
+        table = Table(title=f"recipe {doc['name']} -> {doc['recipe']}")
+        table.add_column("format")
+        table.add_column("tensors", justify="right")
+        for spec, count in sorted(doc["tensors_per_format"].items()):
+            table.add_row(spec, str(count))
+        console.print(table)
+        console.print(_bits_line(doc["bits"]))
+        console.print(f"calibration: min cumulative layer cosine {min(doc['layer_cosine']):.4f}, "
+                      f"logit cosine {doc['head_cosine']:.4f}, top-1 {doc['head_top1']:.3f}")
+
+    emit(document, as_json, render)

@@ -7,11 +7,13 @@ the best LUT is the exact solution of weighted 1-D k-means on that group's value
   Gronlund et al. 2017). Each of the ``k`` layers is a row-maximum search in a totally
   monotone matrix, solved by divide and conquer, vectorized over every group and every
   subproblem of one recursion level at once. ``O(k n log n)`` per group.
-- ``kmeans_1d``: the production path, within a few thousandths of a dB of the optimum on
-  heavy-tailed weights (docs/quantization.md, Clustering). A companding start, a few Lloyd
-  steps, one joint search of all boundaries by a small windowed DP, then Lloyd again. Each
-  Lloyd step costs ``O(k log n)`` per group: a binary search of the centroid midpoints in
-  the sorted values, with cluster sums read from prefix sums.
+- ``kmeans_1d``: the production path, within about 0.01 dB of the optimum on heavy-tailed
+  and real weights (docs/quantization.md, Clustering). A companding start and Lloyd steps,
+  then joint searches of all boundaries (a DP over a few candidate positions per
+  boundary: first wide, then local), each followed by Lloyd steps. A Lloyd step costs
+  ``O(k log n)`` per group: a binary search of the centroid midpoints in the sorted
+  values, with cluster sums read from prefix sums. Where the exact DP is cheap (few
+  distinct values for the group length, e.g. one LUT per tensor) it is used instead.
 
 Both sort each group once and work in float64 prefix sums. Only positions where the sorted
 value changes can be cluster boundaries (equal values always share the nearest centroid),
@@ -34,19 +36,28 @@ _EXACT_CHUNK_ELEMENTS = 1 << 20
 _LABEL_BLOCK_ELEMENTS = 1 << 18
 
 # Production-path parameters, each measured against the exact optimum on the synthetic
-# expert bank and on heavy-tailed groups with k = 4, 16, 64 (docs/quantization.md,
-# Clustering): a density^0.4 companding start read off 256 equal-count bins; Lloyd steps
-# before and after each search (more change nothing measurable: the searches make the
-# large moves); per boundary, 6 evenly spaced candidates on each side plus fixed offsets
-# from each neighbour; at most 5 rounds of search (large k needs several: each round
-# shifts clusters by at most one slot).
+# expert bank, on heavy-tailed groups with k = 4, 16, 64 and on Gemma 3 270M tensors
+# (docs/quantization.md, Clustering): a density^0.4 companding start read off 256
+# equal-count bins; Lloyd steps before and after each search (more change nothing
+# measurable: the searches make the large moves); in the wide search, per boundary, 6
+# evenly spaced candidates on each side plus fixed offsets from each neighbour, for at
+# most 5 rounds (large k needs several: a round shifts clusters by at most one slot); in
+# the local search, offsets of 1 to 128 positions.
 _DENSITY_BINS = 256
 _COMPANDING_EXPONENT = 0.4
 _START_LLOYD_STEPS = 10
 _FINAL_LLOYD_STEPS = 20
-_WINDOW_STEPS = 6
+_WIDE_STEPS = 6
 _NEIGHBOUR_OFFSETS = np.array([1, 3, 9, 27])
-_SEARCH_ROUNDS = 5
+_WIDE_ROUNDS = 5
+_LOCAL_OFFSETS = 2 ** np.arange(8)
+# Lloyd's binary searches look this far around last step's boundaries first.
+_NEAR_RADIUS = 16
+# kmeans_1d runs the exact DP when its work, about distinct * log2(distinct) * (k - 1)
+# per group, is at most this many times the group's length: there it costs at most a few
+# times the refined search (measured: 0.07 s against 0.03 s for one LUT over a Gemma 3
+# 270M attention matrix), and on large tensors less.
+_EXACT_WORK_PER_VALUE = 4
 
 
 def kmeans_1d(
@@ -60,7 +71,7 @@ def kmeans_1d(
     the index of each element's nearest centroid. With fewer distinct values than ``k``
     the spare centroids repeat data values, so every LUT entry is finite.
     """
-    return _cluster_groups(values, k, weights, _refined_boundaries, _CHUNK_ELEMENTS)
+    return _cluster_groups(values, k, weights, _near_optimal_boundaries, _CHUNK_ELEMENTS)
 
 
 def kmeans_1d_exact(
@@ -76,7 +87,7 @@ def kmeans_1d_exact(
 
 def nearest_labels(values: np.ndarray, levels: np.ndarray) -> np.ndarray:
     """Per group, the index of the nearest of ``levels`` (``[G, k]``, ascending) for each of
-    ``values`` (``[G, n]``, float32), the lower index on a tie; uint8 ``[G, n]``.
+    ``values`` (``[G, n]``, compared as float32), the lower index on a tie; uint8 ``[G, n]``.
 
     A label is the count of midpoints strictly below the value. Each float64 midpoint is
     rounded down to float32, which keeps that comparison exact for float32 values.
@@ -186,6 +197,10 @@ class _SortedGroups:
         """Sum of weight * shifted value over the first ``positions`` sorted elements."""
         return _gather(self.first_moment, rows, positions)
 
+    def distinct_counts(self) -> np.ndarray:
+        """Number of distinct values per group."""
+        return 1 + np.count_nonzero(self.sorted_values[:, 1:] != self.sorted_values[:, :-1], axis=1)
+
     def splits(self) -> np.ndarray:
         """Candidate boundaries ``[G, width]``: 0, each index where the value changes, n.
 
@@ -227,18 +242,41 @@ def _gather(table: np.ndarray, rows: np.ndarray, columns: np.ndarray) -> np.ndar
     return table.reshape(-1)[rows[:, None] * table.shape[1] + columns]
 
 
-def _searchsorted_rows(table: np.ndarray, rows: np.ndarray, queries: np.ndarray) -> np.ndarray:
+def _searchsorted_rows(
+    table: np.ndarray, rows: np.ndarray, queries: np.ndarray, near: np.ndarray | None = None
+) -> np.ndarray:
     """Row-wise ``np.searchsorted(table[r], queries[i], side="left")`` for ``r = rows[i]``.
 
     A branch-free binary search in which each step is one gather over all groups, so a
-    whole Lloyd step for thousands of groups is a few dozen numpy calls.
+    whole Lloyd step for thousands of groups is a few dozen numpy calls. With ``near`` (a
+    guess per query, e.g. last step's boundaries) it first searches only ``_NEAR_RADIUS``
+    positions around the guess, then redoes the few queries whose answer lies outside.
     """
     width = table.shape[1]
     flat = table.reshape(-1)
     row_start = rows[:, None] * width
-    low = np.zeros(queries.shape, dtype=np.int64)
-    high = np.full(queries.shape, width, dtype=np.int64)
-    for _ in range(int(width).bit_length()):
+    if near is None:
+        everywhere = np.zeros(queries.shape, np.int64), np.full(queries.shape, width, np.int64)
+        return _bisect(flat, row_start, queries, *everywhere, width)
+    low = np.clip(near - _NEAR_RADIUS, 0, width)
+    high = np.clip(near + _NEAR_RADIUS, 0, width)
+    found = _bisect(flat, row_start, queries, low, high, width, steps=2 * _NEAR_RADIUS)
+    below = (found == low) & (low > 0)
+    below[below] = flat[(row_start + low - 1)[below]] >= queries[below]
+    above = (found == high) & (high < width)
+    above[above] = flat[(row_start + np.minimum(high, width - 1))[above]] < queries[above]
+    outside = below | above
+    if outside.any():
+        group = np.nonzero(outside)[0]
+        everywhere = np.zeros(group.size, np.int64), np.full(group.size, width, np.int64)
+        found[outside] = _bisect(flat, row_start[group, 0], queries[outside], *everywhere, width)
+    return found
+
+
+def _bisect(flat, row_start, queries, low, high, width, steps=None):
+    """First index in ``[low, high)`` of each row whose value is >= the query (else high);
+    ``steps`` bounds ``high - low``, ``width`` is the row length."""
+    for _ in range(int(width if steps is None else steps).bit_length()):
         middle = (low + high) >> 1
         go_right = flat[row_start + np.minimum(middle, width - 1)] < queries
         go_right &= middle < high
@@ -256,27 +294,40 @@ def _run_score(weight: np.ndarray, moment: np.ndarray) -> np.ndarray:
 # Production path.
 
 
+def _near_optimal_boundaries(groups: _SortedGroups, k: int) -> np.ndarray:
+    """The exact DP where it is cheap (few distinct values for the group length, e.g. one
+    LUT for a whole tensor), the refined search otherwise."""
+    distinct = int(groups.distinct_counts().max())
+    if distinct * np.log2(distinct + 1) * (k - 1) <= _EXACT_WORK_PER_VALUE * groups.n:
+        return _exact_boundaries(groups, k)
+    return _refined_boundaries(groups, k)
+
+
 def _refined_boundaries(groups: _SortedGroups, k: int) -> np.ndarray:
     """Boundaries ``[G, k + 1]`` (positions in sorted order) of a near-optimal clustering.
 
     Lloyd alone stalls in heavy-tailed groups with one cluster too many in one tail and one
     too few in the other (0.08 dB from the optimum on the synthetic bank): fixing that moves
-    every boundary in between at once, which one windowed search does. Rounds of search
-    and Lloyd repeat for the groups that still change; neither step can raise the error.
+    every boundary in between at once, which one wide search does. Rounds of wide search
+    and Lloyd repeat for the groups that still change, then one local search (each
+    boundary near where it is) and Lloyd settle the fine positions. No step can raise the
+    error.
     """
     rows = np.arange(groups.sorted_values.shape[0])
     boundaries = _lloyd(groups, rows, _companding_start(groups, k), _START_LLOYD_STEPS)
     if k == 1:
         return boundaries
-    for _ in range(_SEARCH_ROUNDS):
-        searched = _windowed_search(groups, rows, boundaries[rows])
-        settled = _lloyd(groups, rows, searched, _FINAL_LLOYD_STEPS)
-        changed = (settled != boundaries[rows]).any(axis=1)
-        boundaries[rows] = settled
-        rows = rows[changed]
-        if rows.size == 0:
+    active = rows
+    for _ in range(_WIDE_ROUNDS):
+        searched = _dp_over_candidates(groups, active, _wide_candidates(boundaries[active]))
+        settled = _lloyd(groups, active, searched, _FINAL_LLOYD_STEPS)
+        changed = (settled != boundaries[active]).any(axis=1)
+        boundaries[active] = settled
+        active = active[changed]
+        if active.size == 0:
             break
-    return boundaries
+    searched = _dp_over_candidates(groups, rows, _local_candidates(boundaries))
+    return _lloyd(groups, rows, searched, _FINAL_LLOYD_STEPS)
 
 
 def _companding_start(groups: _SortedGroups, k: int) -> np.ndarray:
@@ -323,7 +374,8 @@ def _lloyd(
         means = _reseeded_means(groups, rows[active], boundaries[active])
         midpoints = (means[:, :-1] + means[:, 1:]) / 2.0 + groups.shift[rows[active]]
         inner = _searchsorted_rows(
-            groups.sorted_values, rows[active], midpoints.astype(np.float32)
+            groups.sorted_values, rows[active], midpoints.astype(np.float32),
+            near=boundaries[active, 1:-1],
         )
         moved = (inner != boundaries[active, 1:-1]).any(axis=1)
         boundaries[active, 1:-1] = inner
@@ -358,17 +410,12 @@ def _reseeded_means(groups: _SortedGroups, rows: np.ndarray, boundaries: np.ndar
     return np.sort(np.where(filled, means, seeds), axis=1)
 
 
-def _windowed_search(groups: _SortedGroups, rows: np.ndarray, boundaries: np.ndarray) -> np.ndarray:
-    """The best boundaries for groups ``rows`` when each inner boundary may move to any of a
-    few positions between its left and right neighbours, all chosen jointly by a DP.
-
-    Candidates: evenly spaced ranks on both sides of the current position (large moves in
-    the bulk) and small fixed offsets from each neighbour (one- or two-point clusters in
-    the tails), or every position when the neighbours are that close. ``best[c]`` is the largest score of the clusters left of the current
-    boundary at candidate ``c``. ``O(k R^2)`` per group for ``R`` candidates.
-    """
-    n_groups = boundaries.shape[0]
-    fractions = np.arange(_WINDOW_STEPS) / _WINDOW_STEPS
+def _wide_candidates(boundaries: np.ndarray) -> np.ndarray:
+    """Per inner boundary (``[G, k - 1, R]``, ascending): evenly spaced ranks on both sides
+    of its current position up to its neighbours (large moves in the bulk) and small fixed
+    offsets from each neighbour (one- or two-point clusters in the tails), or every
+    position when the neighbours are that close."""
+    fractions = np.arange(_WIDE_STEPS) / _WIDE_STEPS
     left, current, right = boundaries[:, :-2, None], boundaries[:, 1:-1, None], boundaries[:, 2:, None]
     sampled = np.sort(
         np.concatenate(
@@ -383,16 +430,36 @@ def _windowed_search(groups: _SortedGroups, rows: np.ndarray, boundaries: np.nda
         ),
         axis=2,
     )
-    # Where the neighbours are close, the same number of candidates covers every position.
     n_candidates = sampled.shape[2]
     every = np.minimum(left + np.arange(n_candidates), right)
-    candidates = np.where(right - left < n_candidates, every, sampled)
-    return _dp_over_candidates(groups, rows, boundaries, candidates)
+    return np.where(right - left < n_candidates, every, sampled)
 
 
-def _dp_over_candidates(groups, rows, boundaries, candidates):
-    """Boundaries maximizing the score when inner boundary ``j`` takes one of
-    ``candidates[:, j]`` (ascending), by DP over the boundaries in order."""
+def _local_candidates(boundaries: np.ndarray) -> np.ndarray:
+    """Per inner boundary: its position and +- each of ``_LOCAL_OFFSETS``, within its
+    neighbours."""
+    left, current, right = boundaries[:, :-2, None], boundaries[:, 1:-1, None], boundaries[:, 2:, None]
+    return np.sort(
+        np.concatenate(
+            [
+                np.clip(current - _LOCAL_OFFSETS[::-1], left, right),
+                current,
+                np.clip(current + _LOCAL_OFFSETS, left, right),
+            ],
+            axis=2,
+        ),
+        axis=2,
+    )
+
+
+def _dp_over_candidates(groups: _SortedGroups, rows: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """Boundaries ``[len(rows), k + 1]`` maximizing the score when inner boundary ``j`` of
+    group ``rows[i]`` takes one of ``candidates[i, j]`` (ascending), all chosen jointly.
+
+    A DP over the boundaries in order: ``best[c]`` is the largest score of the clusters
+    left of the current boundary at candidate ``c``. ``O(k R^2)`` per group for ``R``
+    candidates. The current boundaries are among the candidates, so the score never drops.
+    """
     n_groups, n_inner, n_candidates = candidates.shape
     flat = candidates.reshape(n_groups, -1)
     weight = groups.weight_before(rows, flat).reshape(candidates.shape)
@@ -417,7 +484,9 @@ def _dp_over_candidates(groups, rows, boundaries, candidates):
     )
 
     choice = np.argmax(best, axis=1)
-    searched = boundaries.copy()
+    searched = np.empty((n_groups, n_inner + 2), dtype=np.int64)
+    searched[:, 0] = 0
+    searched[:, -1] = groups.n
     local = np.arange(n_groups)
     for inner in range(n_inner - 1, -1, -1):
         searched[:, inner + 1] = candidates[local, inner, choice]

@@ -12,12 +12,14 @@ from __future__ import annotations
 from anepack.errors import UnsupportedModelError
 from anepack.reference.common import Overflow
 from anepack.reference.gemma3 import Gemma3
+from anepack.reference.gemma4 import Gemma4
 from anepack.reference.llama import Llama
 from anepack.reference.model import Arithmetic, ForwardResult, ReferenceModel, WeightSource
-from anepack.source.config import Gemma3Config, LlamaConfig, ModelConfig
+from anepack.source.config import Gemma3Config, Gemma4Config, LlamaConfig, ModelConfig
 
 MODELS: dict[type, type[ReferenceModel]] = {
     Gemma3Config: Gemma3,
+    Gemma4Config: Gemma4,
     LlamaConfig: Llama,
 }
 

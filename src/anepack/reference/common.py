@@ -34,16 +34,21 @@ def rope(
     neox: bool,
     n_rot: int | None = None,
     freq_scale: float = 1.0,
+    freq_factors: np.ndarray | None = None,
 ) -> np.ndarray:
     """Rotary position embedding of ``x[T, heads, head_dim]`` as ``ggml_rope_ext`` computes it.
 
-    Pair ``i`` (of ``n_rot / 2``) turns by ``position * freq_scale * base**(-2i / n_rot)``.
+    Pair ``i`` (of ``n_rot / 2``) turns by ``position * freq_scale * base**(-2i / n_rot)``,
+    divided by ``freq_factors[i]`` when given (llama.cpp's ``rope_freqs`` tensor; Gemma 4 sets
+    1e30 on the pairs that proportional RoPE leaves unrotated).
     NORM mode (llama) rotates adjacent elements ``(2i, 2i+1)``; NEOX mode (gemma) rotates
     ``(i, i + n_rot/2)``. Dimensions past ``n_rot`` pass through unchanged.
     """
     head_dim = x.shape[-1]
     n_rot = head_dim if n_rot is None else n_rot
     inv_freq = base ** (-np.arange(0, n_rot, 2, dtype=np.float64) / n_rot)
+    if freq_factors is not None:
+        inv_freq = inv_freq / np.asarray(freq_factors, dtype=np.float64)
     angles = (np.asarray(positions, dtype=np.float64) * freq_scale)[:, None] * inv_freq[None, :]
     cos = np.cos(angles).astype(np.float32)[:, None, :]  # [T, 1, n_rot/2], broadcast over heads
     sin = np.sin(angles).astype(np.float32)[:, None, :]
@@ -107,6 +112,30 @@ def softmax(x: np.ndarray) -> np.ndarray:
     """Softmax over the last axis; rows must keep at least one finite entry (a query sees itself)."""
     shifted = np.exp(x - np.max(x, axis=-1, keepdims=True))
     return shifted / np.sum(shifted, axis=-1, keepdims=True)
+
+
+def softcap(x: np.ndarray, cap: float) -> np.ndarray:
+    """``cap * tanh(x / cap)``: Gemma's final logit soft-capping (scale, tanh, scale in ggml)."""
+    return np.tanh(x * np.float32(1.0 / cap)) * np.float32(cap)
+
+
+# ggml's clamp on the sum of the selected routing weights: the smallest normal float16.
+MIN_ROUTING_WEIGHT_SUM = 6.103515625e-5
+
+
+def route_top_k(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax routing as llama.cpp's ``build_moe_ffn`` (softmax gating, ``norm_w``) does it.
+
+    ``logits[T, E]`` -> (``experts[T, k]``, ``weights[T, k]``): a softmax over all ``E``
+    experts, the ``k`` most probable per token (most probable first), and their probabilities
+    renormalized to sum to one (the sum clamped below at ggml's smallest normal float16). All
+    in float32: routing is a choice, not a matmul, and it stays off the float16 path.
+    """
+    probs = softmax(logits.astype(np.float32))
+    experts = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
+    weights = np.take_along_axis(probs, experts, axis=-1)
+    total = np.maximum(weights.sum(axis=-1, keepdims=True), np.float32(MIN_ROUTING_WEIGHT_SUM))
+    return experts, weights / total
 
 
 def gelu_tanh(x: np.ndarray) -> np.ndarray:

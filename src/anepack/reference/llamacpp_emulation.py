@@ -17,6 +17,7 @@ computes (ggml's CPU backend as vendored in llama-cpp-python 0.3.36, x86 AVX2/AV
   ``fp16(d) * sum(q)``; that difference is added from the weight file's stored mins.
 - GELU through ggml's float16 table (``GGML_GELU_FP16``): the input rounded to float16, the
   tanh-GELU of that value rounded to float16; inputs <= -10 give 0 and inputs >= 10 pass through.
+  The table is rebuilt bit for bit (the C library's ``tanhf``, GCC's fused multiply-add).
 
 Not reproduced, each measured below 1e-6 in logit cosine on the default model's F32 copy:
 float summation order (SIMD lanes, tiled GEMM, ggml's float64 row sums), RoPE angles that ggml
@@ -30,18 +31,24 @@ activation types (and, for Q4_1/Q5_1, the file's mins).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
+from collections.abc import Callable
+
 import numpy as np
 from gguf import GGMLQuantizationType as GGMLType
 from gguf import GGML_QUANT_SIZES
 
 from anepack.errors import UnsupportedModelError
-from anepack.reference.common import gelu_tanh
 from anepack.source.gguf_file import GGUFFile
 from anepack.source.weights import stored_name
 
 QK8_0 = 32  # values per Q8_0 / Q8_1 block
 QK_K = 256  # values per Q8_K super-block
 GELU_TABLE_LIMIT = np.float32(10.0)
+GELU_COEF_A = np.float32(0.044715)  # ggml's constants, as float32
+SQRT_2_OVER_PI = np.float32(0.79788456080286535587989211986876)
 
 _Q8_0_WEIGHTS = (GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.Q8_0, GGMLType.IQ4_NL, GGMLType.MXFP4,
                  GGMLType.NVFP4, GGMLType.Q1_0)
@@ -145,8 +152,34 @@ def _round_to_bfloat16(x: np.ndarray) -> np.ndarray:
 def gelu_fp16_table(x: np.ndarray) -> np.ndarray:
     """ggml's float32 GELU with ``GGML_GELU_FP16``: a lookup in a float16 table of tanh-GELU."""
     x = np.asarray(x, dtype=np.float32)
-    looked_up = gelu_tanh(x.astype(np.float16).astype(np.float32)).astype(np.float16).astype(np.float32)
+    looked_up = _gelu_table()[x.astype(np.float16).view(np.uint16)].astype(np.float32)
     return np.where(x <= -GELU_TABLE_LIMIT, np.float32(0), np.where(x >= GELU_TABLE_LIMIT, x, looked_up))
+
+
+@functools.cache
+def _gelu_table() -> np.ndarray:
+    """``ggml_table_gelu_f16``: the tanh-GELU of every float16 bit pattern, stored as float16.
+
+    Computed as the compiled ``ggml_gelu_f32`` computes it, so that every entry is bit-exact:
+    float32 arithmetic, ``1 + a*x*x`` contracted into one fused multiply-add (GCC's default on
+    FMA targets), and the C library's own ``tanhf``, whose last bit numpy's tanh does not
+    always share (234 of the entries would differ).
+    """
+    x = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        # float64 holds the product of two float32 exactly, so the sum is rounded once, as fma does
+        cubic = ((GELU_COEF_A * x).astype(np.float64) * x + 1.0).astype(np.float32)
+        inner = SQRT_2_OVER_PI * x * cubic
+        tanhf = _c_tanhf()
+        tanh = np.fromiter(map(tanhf, inner.tolist()), dtype=np.float32, count=inner.size)
+        return (np.float32(0.5) * x * (np.float32(1) + tanh)).astype(np.float16)
+
+
+def _c_tanhf() -> Callable[[float], float]:
+    libm = ctypes.CDLL(ctypes.util.find_library("m"))
+    libm.tanhf.restype = ctypes.c_float
+    libm.tanhf.argtypes = [ctypes.c_float]
+    return libm.tanhf
 
 
 class LlamaCppArithmetic:

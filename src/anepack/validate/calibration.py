@@ -96,6 +96,35 @@ def collect_importance(
     return Importance(file_fingerprint(gguf.path), digest, count, columns)
 
 
+def capture_inputs(
+    gguf: GGUFFile, token_lists: Sequence[np.ndarray], names: set[str]
+) -> dict[str, np.ndarray]:
+    """The input rows ``X [tokens, Cin]`` each named linear sees over the token lists, for
+    output-space error ``X @ W.T`` vs ``X @ Wq.T``. Stops after the last layer it needs."""
+    from anepack.reference import build
+    from anepack.source.weights import source_weights
+    from anepack.validate.recipes import tensor_layer
+
+    captured: dict[str, list[np.ndarray]] = {name: [] for name in names}
+
+    def observe(name: str, inputs: np.ndarray) -> None:
+        if name in captured:
+            captured[name].append(inputs.reshape(-1, inputs.shape[-1]).copy())
+
+    model = build(gguf.config, source_weights(gguf))
+    model.observer = observe
+    layers = [tensor_layer(name) for name in names]
+    needs_head = any(layer is None for layer in layers)
+    last = gguf.config.n_layers - 1 if needs_head else max(layers)
+    for tokens in token_lists:
+        hidden = model.embed(tokens)
+        for il in range(last + 1):
+            hidden = model.layer(il, hidden)
+        if needs_head:
+            model.final(hidden)
+    return {name: np.concatenate(rows) for name, rows in captured.items()}
+
+
 def load_or_collect(
     gguf: GGUFFile,
     prompts: Sequence[Prompt],

@@ -38,6 +38,26 @@ def calibration_prompts_path() -> Path:
     return Path(str(resources.files("anepack") / "data" / "calibration.jsonl"))
 
 
+def tokenize(gguf: GGUFFile, prompts: list[Prompt]) -> list[np.ndarray]:
+    """Token ids of each prompt from the model's own vocabulary."""
+    from anepack.tokenizer import Tokenizer
+
+    with Tokenizer(gguf.path) as tokenizer:
+        return [np.asarray(tokenizer.encode(p.text), dtype=np.int64) for p in prompts]
+
+
+def calibration_tokens(gguf: GGUFFile) -> tuple[list[Prompt], list[np.ndarray]]:
+    prompts = load_prompts(calibration_prompts_path())
+    return prompts, tokenize(gguf, prompts)
+
+
+def calibrate(gguf: GGUFFile) -> Importance:
+    """Importance from the built-in calibration prompts, cached per model in the cache directory."""
+    prompts, tokens = calibration_tokens(gguf)
+    cache = cache_dir() / "calibration" / f"{file_fingerprint(gguf.path)}.npz"
+    return load_or_collect(gguf, prompts, tokens, cache)
+
+
 @dataclass
 class ValidationContext:
     """One model, its validation prompts (tokenized) and its calibration importance."""
@@ -56,20 +76,14 @@ class ValidationContext:
         use_importance: bool = True,
         progress: Progress | None = None,
     ) -> ValidationContext:
-        from anepack.tokenizer import Tokenizer
-
         step = progress or (lambda _: None)
         started = time.perf_counter()
         prompts = load_prompts(prompts_path)
-        with Tokenizer(gguf.path) as tokenizer:
-            tokens = [np.asarray(tokenizer.encode(p.text), dtype=np.int64) for p in prompts]
-            importance = None
-            if use_importance:
-                step("calibration")
-                calibration = load_prompts(calibration_prompts_path())
-                calibration_tokens = [np.asarray(tokenizer.encode(p.text), dtype=np.int64) for p in calibration]
-                cache = cache_dir() / "calibration" / f"{file_fingerprint(gguf.path)}.npz"
-                importance = load_or_collect(gguf, calibration, calibration_tokens, cache)
+        tokens = tokenize(gguf, prompts)
+        importance = None
+        if use_importance:
+            step("calibration")
+            importance = calibrate(gguf)
         context = cls(gguf, prompts, tokens, importance)
         context.timings["prepare_s"] = time.perf_counter() - started
         return context

@@ -1,0 +1,1 @@
+"""Core ML shards: the shard builder, the MIL interpreter that checks them on any OS, residency rules."""

@@ -1,0 +1,741 @@
+"""Core ML shards from a recipe's weights: MIL graphs of the transformer layers and the LM head,
+grouped into ``.mlpackage`` files under a size budget, plus the host embedding table and the
+manifest (docs/coreml-shards.md is the contract with the interpreter, lint and runtime).
+
+    manifest = build_shards(gguf, RecipeWeights(gguf, recipe), "out/", alpha=choose_alpha(peak))
+
+Every graph is float16 (iOS18 opset) and built only from the ops in ``EMITTED_OPS``. Each
+weight is the quantization engine's own constexpr op(s) (``anepack.coreml.weights``). A layer
+shard has two functions over shared weights, ``prefill`` (``chunk`` tokens) and ``decode``
+(one token); the KV cache enters and leaves as plain tensors owned by the host.
+
+fp16 range: the residual stream is multiplied by ``alpha`` (host embeddings; Gemma's
+post-attention and post-FFN norm gains; a ``mul`` on Llama's branch outputs). RMSNorm over
+the residual stream reads ``alpha * x`` with epsilon ``eps * alpha**2``, so its output is
+unchanged; it is computed as ``layer_norm`` of ``[x, -x]`` (mean exactly 0, variance = mean
+of squares), so no graph tensor ever holds a square of the residual stream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import re
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import coremltools as ct
+import numpy as np
+from coremltools.converters.mil import Builder as mb
+from coremltools.converters.mil.mil import Function, Var, types
+
+import anepack
+from anepack.coreml.manifest import (
+    MANIFEST_FORMAT,
+    MANIFEST_NAME,
+    FunctionSpec,
+    Manifest,
+    ShardEntry,
+    TensorSpec,
+    WeightFormat,
+    write_manifest,
+)
+from anepack.coreml.package import (
+    atomic_write_bytes,
+    content_hash,
+    package_metadata,
+    remove_path,
+    remove_temporaries,
+    save_package,
+    size_bytes,
+)
+from anepack.coreml.weights import emit_weight, weight_rows
+from anepack.errors import AnepackError, UnsupportedModelError
+from anepack.quant import Format, LutFormat, VectorLutFormat
+from anepack.source.config import Gemma3Config, LlamaConfig, ModelConfig
+from anepack.source.fingerprint import file_fingerprint
+from anepack.source.gguf_file import GGUFFile
+from anepack.source.weights import EMBEDDING, LM_HEAD, stored_name
+from anepack.validate.weights import RecipeWeights
+
+# Every MIL op type a shard contains; the interpreter and the lint rely on this list.
+EMITTED_OPS = frozenset({
+    "const",
+    "constexpr_blockwise_shift_scale",
+    "constexpr_lut_to_dense",
+    "linear",
+    "matmul",
+    "mul",
+    "add",
+    "layer_norm",
+    "softmax",
+    "gelu",
+    "silu",
+    "reshape",
+    "transpose",
+    "concat",
+    "split",
+})
+
+FP16_MAX = float(np.finfo(np.float16).max)
+FP16_TINY = float(np.finfo(np.float16).smallest_subnormal)
+MASK_HIDDEN = -30000.0  # additive mask: exp(-30000 - max) is 0 in fp16, and -30000 + score stays finite
+MAX_VOCAB_CHUNK = 16384  # ANE limit for every dimension but N and C
+DEFAULT_ALPHA_MARGIN = 4.0
+FUNCTIONS = ("prefill", "decode")
+EMBEDDINGS_FILE = "embeddings.npy"
+# Part of every build key: bump when a graph changes, so resumed builds do not reuse old shards.
+GRAPH_VERSION = 1
+BUILD_KEY_METADATA = "anepack.build_key"
+_SHARD_FILE = re.compile(r"(layers_\d+_\d+|head_\d+)\.mlpackage")
+_BUDGET_BLOB_OVERHEAD = 128  # weight.bin: 64-byte blob metadata + up to 64 bytes of alignment
+
+
+def choose_alpha(max_abs_residual: float, margin: float = DEFAULT_ALPHA_MARGIN) -> float:
+    """The residual-stream scale: 1 when ``max_abs_residual * margin`` fits fp16, else the
+    largest power of two that brings it under 65504 (a power of two scales fp16 exactly)."""
+    if not math.isfinite(max_abs_residual) or max_abs_residual <= 0:
+        raise AnepackError(None, f"the measured residual maximum must be positive and finite, not {max_abs_residual}")
+    if not math.isfinite(margin) or margin < 1:
+        raise AnepackError(None, f"the fp16 margin must be at least 1, not {margin}")
+    limit = FP16_MAX / margin
+    if max_abs_residual <= limit:
+        return 1.0
+    return 2.0 ** math.floor(math.log2(limit / max_abs_residual))
+
+
+# ---------------------------------------------------------------------------------------
+# Attention variants and the host's per-call inputs
+
+
+@dataclass(frozen=True)
+class AttentionVariant:
+    """A kind of attention layer: its RoPE table and its mask (``window`` None: full causal)."""
+
+    name: str
+    rope_base: float
+    freq_scale: float
+    window: int | None
+
+
+def _gemma3_variants(config: Gemma3Config) -> tuple[AttentionVariant, ...]:
+    local = AttentionVariant("local", config.rope_base_local, 1.0, config.sliding_window)
+    full = AttentionVariant("global", config.rope_base, config.rope_freq_scale, None)
+    return tuple(local if config.is_sliding(il) else full for il in range(config.n_layers))
+
+
+def _llama_variants(config: LlamaConfig) -> tuple[AttentionVariant, ...]:
+    return (AttentionVariant("global", config.rope_base, config.rope_freq_scale, None),) * config.n_layers
+
+
+def _distinct(variants: tuple[AttentionVariant, ...]) -> list[AttentionVariant]:
+    return list(dict.fromkeys(variants))
+
+
+def _rope_table(config: ModelConfig, variant: AttentionVariant, positions: np.ndarray, neox: bool, n_rot: int):
+    """``cos``, ``sin`` ``[T, head_dim]`` such that ``rope(x) = x * cos + swap(x) * sin``.
+
+    ``swap`` exchanges the halves (NEOX) or the members of each adjacent pair (NORM); the
+    sine carries the sign (``-sin`` on the first member). Angles as the reference computes them.
+    """
+    head_dim = config.head_dim
+    inv_freq = variant.rope_base ** (-np.arange(0, n_rot, 2, dtype=np.float64) / n_rot)
+    angles = (positions.astype(np.float64) * variant.freq_scale)[:, None] * inv_freq[None, :]
+    cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    if neox:
+        return np.concatenate([cos, cos], axis=1), np.concatenate([-sin, sin], axis=1)
+    cos_table = np.ones((len(positions), head_dim), np.float32)
+    sin_table = np.zeros((len(positions), head_dim), np.float32)
+    cos_table[:, 0:n_rot:2] = cos_table[:, 1:n_rot:2] = cos
+    sin_table[:, 0:n_rot:2], sin_table[:, 1:n_rot:2] = -sin, sin
+    return cos_table, sin_table
+
+
+def _mask(variant: AttentionVariant, start: int, tokens: int, context: int) -> np.ndarray:
+    """Additive ``[T, C + T]``: cache slots ``j < start`` hold position j; then the chunk's own keys."""
+    query = start + np.arange(tokens)[:, None]
+    keys = np.concatenate([np.arange(context), start + np.arange(tokens)])[None, :]
+    distance = query - keys
+    visible = distance >= 0
+    visible[:, :context] &= keys[:, :context] < start
+    if variant.window is not None:
+        visible &= distance < variant.window
+    return np.where(visible, 0.0, MASK_HIDDEN).astype(np.float16)
+
+
+def host_inputs(config: ModelConfig, start: int, tokens: int, context: int) -> dict[str, np.ndarray]:
+    """RoPE tables and masks for a call over positions ``start .. start + tokens - 1``, float16.
+
+    Keys ``cos_<v>``, ``sin_<v>``, ``mask_<v>`` for each attention variant v of the model; a
+    shard function takes those of its layers (see the manifest). The cache holds positions
+    ``0 .. start - 1`` in slots of the same number; the call's keys follow.
+    """
+    if start < 0 or tokens < 1 or start + tokens > context:
+        raise AnepackError(None, f"positions {start}..{start + tokens - 1} do not fit a context of {context}")
+    arch = architecture(config)
+    positions = start + np.arange(tokens)
+    inputs = {}
+    for variant in _distinct(arch.variants(config)):
+        cos, sin = _rope_table(config, variant, positions, arch.neox, arch.rope_dims(config))
+        inputs[f"cos_{variant.name}"] = cos.astype(np.float16)
+        inputs[f"sin_{variant.name}"] = sin.astype(np.float16)
+        inputs[f"mask_{variant.name}"] = _mask(variant, start, tokens, context)
+    return inputs
+
+
+# ---------------------------------------------------------------------------------------
+# Graph building blocks
+
+
+def mil_name(tensor: str) -> str:
+    """The MIL name of a weight: ``blk.3.attn_q.weight`` -> ``blk_3_attn_q_weight``."""
+    return tensor.replace(".", "_")
+
+
+@contextmanager
+def _fresh_op_names():
+    # The MIL builder numbers implicit names with a process-wide counter; starting every
+    # function from zero keeps names (and so bytes) independent of what was built before.
+    mb.name_count.clear()
+    try:
+        yield
+    finally:
+        mb.name_count.clear()
+
+
+def _fp16(value: float) -> np.float16:
+    return np.float16(value)
+
+
+class Graph:
+    """One MIL function under construction: weights, norms, RoPE and attention, all named."""
+
+    def __init__(self, config: ModelConfig, weights: RecipeWeights, alpha: float, tokens: int, context: int):
+        self.config = config
+        self.weights = weights
+        self.alpha = alpha
+        self.tokens = tokens
+        self.context = context
+        self.arch = architecture(config)
+        self.variants = self.arch.variants(config)
+        # Norms that read the residual stream see alpha * x: epsilon scales by alpha^2 so the
+        # output is unchanged (kept above zero so an all-zero row cannot divide 0 by 0).
+        self.residual_eps = max(float(_fp16(config.rms_eps * alpha * alpha)), FP16_TINY)
+        self.inputs: dict[str, Var] = {}
+        self.new_cache: dict[int, tuple[Var, Var]] = {}  # layer -> (k_new, v_new) outputs
+
+    def weight(self, tensor: str, name: str, rows: tuple[int, int] | None) -> Var:
+        q = self.weights.compressed(tensor)
+        return emit_weight(q if rows is None else weight_rows(q, *rows), name)
+
+    def gain(self, tensor: str, scale: float = 1.0) -> Var:
+        """A norm gain as an fp16 const, times ``scale`` in float32 before the one rounding."""
+        values = (self.weights.exact(tensor) * np.float32(scale)).astype(np.float16)
+        const = mb.const(val=values, name=mil_name(tensor))
+        const.op.weight_id = const.name
+        return const
+
+    def linear(self, x: Var, tensor: str, name: str, rows: tuple[int, int] | None = None) -> Var:
+        weight_name = mil_name(tensor) if rows is None else f"{mil_name(tensor)}_{rows[0]}_{rows[1]}"
+        weight = self.weight(tensor, weight_name, rows)
+        # linear always has a bias; an explicit shared const keeps one copy for both functions.
+        bias = mb.const(val=np.zeros(weight.shape[0], np.float16), name=f"{weight_name}_bias")
+        bias.op.weight_id = bias.name
+        return mb.linear(x=x, weight=weight, bias=bias, name=name)
+
+    def rms_norm(self, x: Var, gain: Var, eps: float, name: str) -> Var:
+        """RMSNorm over the last axis as ``layer_norm([x, -x])``: no square of x is ever a tensor."""
+        negated = mb.mul(x=x, y=_fp16(-1.0), name=f"{name}_neg")
+        mirrored = mb.concat(values=[x, negated], axis=-1, name=f"{name}_mirrored")
+        normed = mb.layer_norm(x=mirrored, axes=[-1], epsilon=_fp16(eps), name=f"{name}_ln")
+        half, _ = mb.split(x=normed, num_splits=2, axis=-1, name=f"{name}_half")
+        return mb.mul(x=half, y=gain, name=name)
+
+    def residual_branch(self, x: Var, name: str) -> Var:
+        """A branch output scaled onto the residual stream (no op when alpha is 1)."""
+        if self.alpha == 1.0:
+            return x
+        return mb.mul(x=x, y=_fp16(self.alpha), name=name)
+
+    def heads(self, x: Var, count: int, name: str) -> Var:
+        return mb.reshape(x=x, shape=[1, self.tokens, count, self.config.head_dim], name=name)
+
+    def rope(self, x: Var, il: int, name: str) -> Var:
+        """``x [1, T, heads, head_dim]`` rotated: ``x * cos + swap(x) * sin`` (tables from the host)."""
+        variant = self.variants[il].name
+        cos, sin = self.inputs[f"cos_{variant}_heads"], self.inputs[f"sin_{variant}_heads"]
+        heads, head_dim = x.shape[2], x.shape[3]
+        if self.arch.neox:
+            first, second = mb.split(x=x, num_splits=2, axis=-1, name=f"{name}_halves")
+            swapped = mb.concat(values=[second, first], axis=-1, name=f"{name}_swapped")
+        else:
+            pairs = mb.reshape(x=x, shape=[1, self.tokens, heads, head_dim // 2, 2], name=f"{name}_pairs")
+            first, second = mb.split(x=pairs, num_splits=2, axis=-1, name=f"{name}_members")
+            crossed = mb.concat(values=[second, first], axis=-1, name=f"{name}_crossed")
+            swapped = mb.reshape(x=crossed, shape=[1, self.tokens, heads, head_dim], name=f"{name}_swapped")
+        return mb.add(
+            x=mb.mul(x=x, y=cos, name=f"{name}_cos"), y=mb.mul(x=swapped, y=sin, name=f"{name}_sin"), name=name
+        )
+
+    def attention(self, il: int, q: Var, k: Var, v: Var, prefix: str) -> Var:
+        """Grouped-query attention of ``q [1, T, H, d]`` over the cache and the chunk's ``k, v
+        [1, T, Hkv, d]``; emits ``k_new_<il>``, ``v_new_<il>`` and returns ``[1, T, H * d]``."""
+        cfg, tokens = self.config, self.tokens
+        n_head, n_kv, head_dim = cfg.n_head, cfg.n_head_kv, cfg.head_dim
+        group, keys_total = n_head // n_kv, self.context + tokens
+        k_new = mb.transpose(x=k, perm=[0, 2, 1, 3], name=f"k_new_{il}")
+        v_new = mb.transpose(x=v, perm=[0, 2, 1, 3], name=f"v_new_{il}")
+        self.new_cache[il] = (k_new, v_new)
+        keys = mb.concat(values=[self.inputs[f"k_cache_{il}"], k_new], axis=2, name=f"{prefix}keys")
+        values = mb.concat(values=[self.inputs[f"v_cache_{il}"], v_new], axis=2, name=f"{prefix}values")
+        # Query heads h = kv * group + g line up under their shared key/value head.
+        queries = mb.transpose(x=q, perm=[0, 2, 1, 3], name=f"{prefix}q_heads_first")
+        queries = mb.reshape(x=queries, shape=[1, n_kv, group * tokens, head_dim], name=f"{prefix}q_grouped")
+        scores = mb.matmul(x=queries, y=keys, transpose_y=True, name=f"{prefix}scores")
+        scores = mb.reshape(x=scores, shape=[n_kv, group, tokens, keys_total], name=f"{prefix}scores_split")
+        mask = self.inputs[f"mask_{self.variants[il].name}"]
+        scores = mb.add(x=scores, y=mask, name=f"{prefix}scores_masked")
+        weights = mb.softmax(x=scores, axis=-1, name=f"{prefix}attn_weights")
+        weights = mb.reshape(x=weights, shape=[1, n_kv, group * tokens, keys_total], name=f"{prefix}weights_grouped")
+        mixed = mb.matmul(x=weights, y=values, name=f"{prefix}mixed")
+        mixed = mb.reshape(x=mixed, shape=[1, n_head, tokens, head_dim], name=f"{prefix}mixed_heads")
+        mixed = mb.transpose(x=mixed, perm=[0, 2, 1, 3], name=f"{prefix}mixed_tokens_first")
+        return mb.reshape(x=mixed, shape=[1, tokens, n_head * head_dim], name=f"{prefix}mixed_flat")
+
+    def qkv(self, il: int, x: Var, prefix: str) -> tuple[Var, Var, Var]:
+        cfg = self.config
+        q = self.linear(x, f"blk.{il}.attn_q.weight", f"{prefix}q")
+        k = self.linear(x, f"blk.{il}.attn_k.weight", f"{prefix}k")
+        v = self.linear(x, f"blk.{il}.attn_v.weight", f"{prefix}v")
+        return (
+            self.heads(q, cfg.n_head, f"{prefix}q_split"),
+            self.heads(k, cfg.n_head_kv, f"{prefix}k_split"),
+            self.heads(v, cfg.n_head_kv, f"{prefix}v_split"),
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# Layer blocks, one per architecture (following anepack.reference step by step)
+
+
+def gemma3_layer(g: Graph, il: int, hidden: Var, out_name: str) -> Var:
+    cfg, p = g.config, f"blk_{il}_"
+    x = g.rms_norm(hidden, g.gain(f"blk.{il}.attn_norm.weight"), g.residual_eps, f"{p}attn_norm")
+    q, k, v = g.qkv(il, x, p)
+    q = g.rms_norm(q, g.gain(f"blk.{il}.attn_q_norm.weight"), cfg.rms_eps, f"{p}q_norm")
+    k = g.rms_norm(k, g.gain(f"blk.{il}.attn_k_norm.weight"), cfg.rms_eps, f"{p}k_norm")
+    q = mb.mul(x=g.rope(q, il, f"{p}q_rope"), y=_fp16(cfg.attention_scale), name=f"{p}q_scaled")
+    k = g.rope(k, il, f"{p}k_rope")
+    attn = g.linear(g.attention(il, q, k, v, p), f"blk.{il}.attn_output.weight", f"{p}attn_output")
+    # Gemma's post-norms feed the residual adds: their gains carry alpha.
+    post_gain = g.gain(f"blk.{il}.post_attention_norm.weight", g.alpha)
+    attn = g.rms_norm(attn, post_gain, cfg.rms_eps, f"{p}post_attention_norm")
+    hidden = mb.add(x=hidden, y=attn, name=f"{p}attn_residual")
+
+    x = g.rms_norm(hidden, g.gain(f"blk.{il}.ffn_norm.weight"), g.residual_eps, f"{p}ffn_norm")
+    gate = g.linear(x, f"blk.{il}.ffn_gate.weight", f"{p}ffn_gate")
+    up = g.linear(x, f"blk.{il}.ffn_up.weight", f"{p}ffn_up")
+    act = mb.mul(x=mb.gelu(x=gate, mode="TANH_APPROXIMATION", name=f"{p}ffn_gelu"), y=up, name=f"{p}ffn_geglu")
+    down = g.linear(act, f"blk.{il}.ffn_down.weight", f"{p}ffn_down")
+    down = g.rms_norm(down, g.gain(f"blk.{il}.post_ffw_norm.weight", g.alpha), cfg.rms_eps, f"{p}post_ffw_norm")
+    return mb.add(x=hidden, y=down, name=out_name)
+
+
+def llama_layer(g: Graph, il: int, hidden: Var, out_name: str) -> Var:
+    cfg, p = g.config, f"blk_{il}_"
+    x = g.rms_norm(hidden, g.gain(f"blk.{il}.attn_norm.weight"), g.residual_eps, f"{p}attn_norm")
+    q, k, v = g.qkv(il, x, p)
+    q = mb.mul(x=g.rope(q, il, f"{p}q_rope"), y=_fp16(1.0 / math.sqrt(cfg.head_dim)), name=f"{p}q_scaled")
+    k = g.rope(k, il, f"{p}k_rope")
+    attn = g.linear(g.attention(il, q, k, v, p), f"blk.{il}.attn_output.weight", f"{p}attn_output")
+    hidden = mb.add(x=hidden, y=g.residual_branch(attn, f"{p}attn_scaled"), name=f"{p}attn_residual")
+
+    x = g.rms_norm(hidden, g.gain(f"blk.{il}.ffn_norm.weight"), g.residual_eps, f"{p}ffn_norm")
+    gate = g.linear(x, f"blk.{il}.ffn_gate.weight", f"{p}ffn_gate")
+    up = g.linear(x, f"blk.{il}.ffn_up.weight", f"{p}ffn_up")
+    act = mb.mul(x=mb.silu(x=gate, name=f"{p}ffn_silu"), y=up, name=f"{p}ffn_swiglu")
+    down = g.linear(act, f"blk.{il}.ffn_down.weight", f"{p}ffn_down")
+    return mb.add(x=hidden, y=g.residual_branch(down, f"{p}ffn_scaled"), name=out_name)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What differs between the architectures' graphs; everything else is shared."""
+
+    layer: Callable[[Graph, int, Var, str], Var]
+    variants: Callable[[ModelConfig], tuple[AttentionVariant, ...]]
+    neox: bool  # RoPE pairs (i, i + d/2) rather than (2i, 2i + 1)
+    rope_dims: Callable[[ModelConfig], int]
+    embed_scale: Callable[[ModelConfig], float]
+
+
+ARCHITECTURES: dict[type, Architecture] = {
+    Gemma3Config: Architecture(
+        gemma3_layer, _gemma3_variants, neox=True,
+        rope_dims=lambda cfg: cfg.head_dim, embed_scale=lambda cfg: cfg.embed_scale,
+    ),
+    LlamaConfig: Architecture(
+        llama_layer, _llama_variants, neox=False,
+        rope_dims=lambda cfg: cfg.rope_dim, embed_scale=lambda cfg: 1.0,
+    ),
+}
+
+
+def architecture(config: ModelConfig) -> Architecture:
+    arch = ARCHITECTURES.get(type(config))
+    if arch is None:
+        raise UnsupportedModelError(None, f"no Core ML graph for {type(config).__name__}")
+    return arch
+
+
+# ---------------------------------------------------------------------------------------
+# Shards: plan, I/O, graphs
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """One package to build: its layers, or its LM-head row chunks ``(start, stop)``."""
+
+    file: str
+    kind: str
+    layers: tuple[int, ...] = ()
+    chunks: tuple[tuple[int, int], ...] = ()
+    first_chunk: int = 0  # global number of the first logits output
+
+    @property
+    def vocab(self) -> tuple[int, int] | None:
+        return (self.chunks[0][0], self.chunks[-1][1]) if self.chunks else None
+
+
+def _layer_tensors(config: ModelConfig, il: int) -> list[str]:
+    return [name for name in config.expected_shapes() if name.startswith(f"blk.{il}.")]
+
+
+def _head_tensors() -> list[str]:
+    return ["output_norm.weight", LM_HEAD]
+
+
+def plan_tensors(config: ModelConfig, plan: ShardPlan) -> list[str]:
+    if plan.kind == "layers":
+        return [name for il in plan.layers for name in _layer_tensors(config, il)]
+    return _head_tensors()
+
+
+def _stored_bytes(fmt: Format, shape: tuple[int, ...]) -> int:
+    return fmt.payload_bytes(shape) + 4 * _BUDGET_BLOB_OVERHEAD
+
+
+def _row_block(fmt: Format) -> int:
+    """Rows a slice of a weight in ``fmt`` must be a multiple of (a LUT group or a vector)."""
+    if isinstance(fmt, LutFormat):
+        return fmt.group_size or 1
+    if isinstance(fmt, VectorLutFormat):
+        return fmt.vector_size
+    return 1
+
+
+def plan_shards(config: ModelConfig, gguf: GGUFFile, weights: RecipeWeights, max_bytes: int) -> list[ShardPlan]:
+    """Consecutive layers per package while their stored weights fit ``max_bytes``; then the
+    LM head in row chunks of at most 16384, as many chunks per package as fit."""
+    shapes = config.expected_shapes()
+    recipe = weights.recipe
+
+    def tensor_bytes(name: str) -> int:
+        shape = shapes[stored_name(gguf, name)]
+        if len(shape) == 1:
+            return 2 * shape[0] + _BUDGET_BLOB_OVERHEAD
+        return _stored_bytes(recipe.format_for(name), shape)
+
+    digits = max(2, len(str(config.n_layers - 1)))
+    groups: list[list[int]] = []
+    used = 0
+    for il in range(config.n_layers):
+        size = sum(tensor_bytes(name) for name in _layer_tensors(config, il))
+        if size > max_bytes:
+            raise AnepackError(None, f"layer {il} needs {size / 2**20:.1f} MB, more than the shard budget")
+        if groups and used + size <= max_bytes:
+            groups[-1].append(il)
+            used += size
+        else:
+            groups.append([il])
+            used = size
+    plans = [
+        ShardPlan(f"layers_{group[0]:0{digits}d}_{group[-1]:0{digits}d}.mlpackage", "layers", tuple(group))
+        for group in groups
+    ]
+
+    head_fmt = recipe.format_for(LM_HEAD)
+    vocab, width = config.vocab_size, config.n_embd
+    block = _row_block(head_fmt)
+    chunk_rows = MAX_VOCAB_CHUNK - MAX_VOCAB_CHUNK % block
+    chunks = [(start, min(start + chunk_rows, vocab)) for start in range(0, vocab, chunk_rows)]
+    norm_bytes = tensor_bytes("output_norm.weight")
+    head_groups: list[list[tuple[int, int]]] = []
+    used = 0
+    for start, stop in chunks:
+        size = _stored_bytes(head_fmt, (stop - start, width))
+        if size + norm_bytes > max_bytes:
+            raise AnepackError(
+                None, f"LM head rows {start}:{stop} need {size / 2**20:.1f} MB, more than the shard budget"
+            )
+        if head_groups and used + size <= max_bytes:
+            head_groups[-1].append((start, stop))
+            used += size
+        else:
+            head_groups.append([(start, stop)])
+            used = norm_bytes + size
+    first = 0
+    for number, group in enumerate(head_groups):
+        plans.append(ShardPlan(f"head_{number:02d}.mlpackage", "head", chunks=tuple(group), first_chunk=first))
+        first += len(group)
+    return plans
+
+
+def function_io(config: ModelConfig, plan: ShardPlan, tokens: int, context: int) -> FunctionSpec:
+    """The inputs and outputs of a shard function over ``tokens`` tokens, in order."""
+    hidden = TensorSpec("hidden", (1, tokens, config.n_embd))
+    if plan.kind == "head":
+        outputs = tuple(
+            TensorSpec(f"logits_{plan.first_chunk + number}", (1, tokens, stop - start))
+            for number, (start, stop) in enumerate(plan.chunks)
+        )
+        return FunctionSpec((hidden,), outputs)
+    variants = architecture(config).variants(config)
+    used = _distinct(tuple(variants[il] for il in plan.layers))
+    inputs = [hidden]
+    for variant in used:
+        inputs += [
+            TensorSpec(f"cos_{variant.name}", (tokens, config.head_dim)),
+            TensorSpec(f"sin_{variant.name}", (tokens, config.head_dim)),
+            TensorSpec(f"mask_{variant.name}", (tokens, context + tokens)),
+        ]
+    outputs = [TensorSpec("hidden_out", (1, tokens, config.n_embd))]
+    for il in plan.layers:
+        cache, new = (1, config.n_head_kv, context, config.head_dim), (1, config.n_head_kv, tokens, config.head_dim)
+        inputs += [TensorSpec(f"k_cache_{il}", cache), TensorSpec(f"v_cache_{il}", cache)]
+        outputs += [TensorSpec(f"k_new_{il}", new), TensorSpec(f"v_new_{il}", new)]
+    return FunctionSpec(tuple(inputs), tuple(outputs))
+
+
+def build_function(
+    config: ModelConfig, weights: RecipeWeights, plan: ShardPlan, alpha: float, tokens: int, context: int
+) -> Function:
+    """The MIL function of ``plan`` over ``tokens`` tokens (prefill: the chunk; decode: 1)."""
+    io_spec = function_io(config, plan, tokens, context)
+    placeholders = {spec.name: mb.TensorSpec(spec.shape, dtype=types.fp16) for spec in io_spec.inputs}
+    with _fresh_op_names(), Function(placeholders, opset_version=ct.target.iOS18) as function:
+        g = Graph(config, weights, alpha, tokens, context)
+        g.inputs = dict(function.inputs)
+        if plan.kind == "head":
+            outputs = _head(g, plan)
+        else:
+            outputs = _layers(g, plan)
+        function.set_outputs(outputs)
+    produced = [var.name for var in function.outputs]
+    expected = [spec.name for spec in io_spec.outputs]
+    if produced != expected:  # a graph and its declared I/O must never drift apart
+        raise AssertionError(f"shard {plan.file} outputs {produced}, declared {expected}")
+    return function
+
+
+def _layers(g: Graph, plan: ShardPlan) -> list[Var]:
+    for name in list(g.inputs):
+        if name.startswith(("cos_", "sin_")):
+            g.inputs[f"{name}_heads"] = mb.reshape(
+                x=g.inputs[name], shape=[1, g.tokens, 1, g.config.head_dim], name=f"{name}_heads"
+            )
+    hidden = g.inputs["hidden"]
+    for il in plan.layers:
+        out_name = "hidden_out" if il == plan.layers[-1] else f"blk_{il}_out"
+        hidden = g.arch.layer(g, il, hidden, out_name)
+    return [hidden] + [var for il in plan.layers for var in g.new_cache[il]]
+
+
+def _head(g: Graph, plan: ShardPlan) -> list[Var]:
+    x = g.rms_norm(g.inputs["hidden"], g.gain("output_norm.weight"), g.residual_eps, "output_norm")
+    return [
+        g.linear(x, LM_HEAD, f"logits_{plan.first_chunk + number}", (start, stop))
+        for number, (start, stop) in enumerate(plan.chunks)
+    ]
+
+
+# ---------------------------------------------------------------------------------------
+# The build: embeddings, shards, manifest
+
+
+@dataclass(frozen=True)
+class BuildStep:
+    """Reported after each file: ``rebuilt`` is False when an unchanged file was kept."""
+
+    file: str
+    index: int
+    total: int
+    rebuilt: bool
+
+
+def _digest(payload: dict) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _importance_digest(weights: RecipeWeights, tensor: str) -> str | None:
+    columns = None if weights.importance is None else weights.importance.get(tensor)
+    return None if columns is None else hashlib.sha256(np.ascontiguousarray(columns, np.float32).tobytes()).hexdigest()
+
+
+def _build_key(common: dict, plan: ShardPlan, config: ModelConfig, weights: RecipeWeights) -> str:
+    """Everything a shard's bytes depend on: a shard whose key is unchanged is not rebuilt."""
+    tensors = {
+        name: [weights.recipe.format_for(name).spec, _importance_digest(weights, name)]
+        if name in weights.quantizable else None
+        for name in plan_tensors(config, plan)
+    }
+    return _digest({**common, "plan": asdict(plan), "tensors": tensors})
+
+
+def _embedding_table(gguf: GGUFFile, weights: RecipeWeights, config: ModelConfig, alpha: float) -> np.ndarray:
+    scaled = weights.exact(EMBEDDING) * np.float32(architecture(config).embed_scale(config))
+    scaled *= np.float32(alpha)
+    peak = float(np.abs(scaled).max(initial=0.0))
+    if peak > FP16_MAX:
+        raise AnepackError(gguf.path, f"embeddings times alpha reach {peak:.0f}, beyond fp16; choose a smaller alpha")
+    return scaled.astype(np.float16)
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _write_embeddings(path: Path, table: np.ndarray, resume: bool) -> bool:
+    """Write the table unless an identical file is already there; True when written."""
+    data = _npy_bytes(table)
+    if resume and path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
+        return False
+    atomic_write_bytes(path, data)
+    return True
+
+
+def _weight_formats(
+    config: ModelConfig, gguf: GGUFFile, weights: RecipeWeights, plans: list[ShardPlan]
+) -> dict[str, WeightFormat]:
+    """Format and exact bits per weight of every matrix the shards store (from the formats, so
+    a resumed build quantizes nothing it does not rebuild)."""
+    shapes = config.expected_shapes()
+    formats = {}
+    for plan in plans:
+        for name in plan_tensors(config, plan):
+            shape = shapes[stored_name(gguf, name)]
+            if len(shape) < 2:
+                continue
+            fmt = weights.recipe.format_for(name)
+            formats[name] = WeightFormat(fmt.spec, 8.0 * fmt.payload_bytes(shape) / math.prod(shape), shape)
+    return formats
+
+
+def build_shards(
+    gguf: GGUFFile,
+    weights: RecipeWeights,
+    out_dir: str | Path,
+    *,
+    alpha: float,
+    chunk: int = 64,
+    context: int = 512,
+    max_shard_mb: float = 1024,
+    progress: Callable[[BuildStep], None] | None = None,
+    resume: bool = True,
+    validation: dict | None = None,
+) -> Manifest:
+    """Write ``embeddings.npy``, the layer and head shards and ``manifest.json`` into ``out_dir``.
+
+    ``alpha`` scales the residual stream (``choose_alpha``); ``chunk`` is the prefill length,
+    ``context`` the KV cache length; ``max_shard_mb`` (MiB) bounds each package's stored
+    weights. With ``resume``, a file whose build key (source fingerprint, recipe formats and
+    importance of its tensors, alpha, shapes, anepack and graph version) is unchanged is kept.
+    The manifest is removed first and written last: the directory is complete only with it.
+    ``validation`` (results measured by the caller) is recorded in the manifest as given.
+    """
+    config = gguf.config
+    architecture(config)
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise AnepackError(None, f"alpha must be positive and finite, not {alpha}")
+    if chunk < 1 or context < chunk:
+        raise AnepackError(None, f"need 1 <= chunk <= context, got chunk {chunk}, context {context}")
+    if not max_shard_mb > 0:
+        raise AnepackError(None, f"--max-shard-mb must be positive, not {max_shard_mb}")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise AnepackError(out, "the output path exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST_NAME).unlink(missing_ok=True)
+    remove_temporaries(out)
+
+    fingerprint = file_fingerprint(gguf.path)
+    plans = plan_shards(config, gguf, weights, int(max_shard_mb * 2**20))
+    common = {
+        "anepack": anepack.__version__, "graph": GRAPH_VERSION, "source": fingerprint,
+        "config": asdict(config), "alpha": alpha, "chunk": chunk, "context": context,
+    }
+    total = len(plans) + 1
+
+    embeddings_path = out / EMBEDDINGS_FILE
+    table = _embedding_table(gguf, weights, config, alpha)
+    written = _write_embeddings(embeddings_path, table, resume)
+    embeddings = ShardEntry(
+        file=EMBEDDINGS_FILE, kind="embeddings", bytes=size_bytes(embeddings_path),
+        sha256=content_hash(embeddings_path), build_key=_digest({**common, "embeddings": EMBEDDING}),
+    )
+    del table
+    if progress is not None:
+        progress(BuildStep(EMBEDDINGS_FILE, 0, total, written))
+
+    entries = []
+    for index, plan in enumerate(plans, start=1):
+        path = out / plan.file
+        key = _build_key(common, plan, config, weights)
+        rebuild = not (resume and path.is_dir() and package_metadata(path).get(BUILD_KEY_METADATA) == key)
+        if rebuild:
+            functions = {
+                name: build_function(config, weights, plan, alpha, tokens, context)
+                for name, tokens in zip(FUNCTIONS, (chunk, 1))
+            }
+            metadata = {BUILD_KEY_METADATA: key, "anepack.version": anepack.__version__, "anepack.shard": plan.file}
+            save_package(functions, path, metadata)
+        entries.append(ShardEntry(
+            file=plan.file, kind=plan.kind, bytes=size_bytes(path), sha256=content_hash(path), build_key=key,
+            layers=plan.layers, vocab=plan.vocab, tensors=tuple(plan_tensors(config, plan)),
+            functions={
+                name: function_io(config, plan, tokens, context) for name, tokens in zip(FUNCTIONS, (chunk, 1))
+            },
+        ))
+        if progress is not None:
+            progress(BuildStep(plan.file, index, total, rebuild))
+
+    planned = {plan.file for plan in plans}
+    for entry in out.iterdir():
+        if _SHARD_FILE.fullmatch(entry.name) and entry.name not in planned:
+            remove_path(entry)  # a shard of an earlier build with another grouping
+
+    manifest = Manifest(
+        format=MANIFEST_FORMAT,
+        anepack_version=anepack.__version__,
+        architecture=config.architecture,
+        source_file=Path(gguf.path).name,
+        source_fingerprint=fingerprint,
+        recipe_name=weights.recipe.name,
+        recipe_toml=weights.recipe.text or weights.recipe.to_toml(),
+        alpha=alpha,
+        chunk=chunk,
+        context=context,
+        max_shard_mb=max_shard_mb,
+        embeddings=embeddings,
+        shards=tuple(entries),
+        weights=_weight_formats(config, gguf, weights, plans),
+        validation=dict(validation or {}),
+    )
+    write_manifest(manifest, out)
+    return manifest
