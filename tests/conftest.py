@@ -20,3 +20,17 @@ def default_model_path() -> Path:
 def default_model_f32_path(default_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The default model with every tensor dequantized to F32: llama.cpp then runs exact weights."""
     return dequantize_gguf(default_model_path, tmp_path_factory.mktemp("default-f32") / "gemma3-270m-f32.gguf", "f32")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def isolated_run_history(tmp_path_factory: pytest.TempPathFactory):
+    """Runs recorded by tests (CLI subprocesses included) go to a temporary history, not the user's."""
+    import os
+
+    previous = os.environ.get("ANEPACK_DB")
+    os.environ["ANEPACK_DB"] = str(tmp_path_factory.mktemp("history") / "runs.sqlite")
+    yield
+    if previous is None:
+        os.environ.pop("ANEPACK_DB", None)
+    else:
+        os.environ["ANEPACK_DB"] = previous

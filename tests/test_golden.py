@@ -53,18 +53,35 @@ def test_golden_round_trip_is_atomic(tmp_path):
         Golden.load(tmp_path / "bad.npz")
 
 
-def test_golden_record_and_check_default_model(tmp_path, default_model_path):
+def test_golden_check_on_the_f32_default_model_meets_the_exact_bars(tmp_path, default_model_f32_path):
     golden_path = tmp_path / "golden.npz"
-    recorded = run_cli("golden", "record", "--out", str(golden_path), "--json")
+    recorded = run_cli("golden", "record", str(default_model_f32_path), "--out", str(golden_path), "--json")
     assert recorded.returncode == 0, recorded.stderr
     assert len(json.loads(recorded.stdout)["prompts"]) == len(load_prompts())
 
-    checked = run_cli("golden", "check", str(golden_path), "--json")
+    checked = run_cli("golden", "check", str(default_model_f32_path), str(golden_path),
+                      "--min-cosine", "0.9999", "--min-top1", "1.0", "--json")
     assert checked.returncode == 0, checked.stderr
     doc = json.loads(checked.stdout)
     assert doc["same_model_file"] and doc["passed"]
     for prompt in doc["prompts"]:
-        assert prompt["min_cosine"] >= 0.99 and prompt["top1_agreement"] >= 0.95, prompt["name"]
+        assert prompt["min_cosine"] >= 0.9999 and prompt["top1_agreement"] == 1.0, prompt["name"]
 
-    table = run_cli("golden", "check", str(default_model_path), str(golden_path))
+    table = run_cli("golden", "check", str(default_model_f32_path), str(golden_path), "--min-cosine", "0.9999")
     assert table.returncode == 0 and "PASS" in table.stdout and "japanese" in table.stdout
+
+
+def test_golden_check_on_the_q4_k_m_default_model(tmp_path, default_model_path):
+    """llama.cpp quantizes activations for Q4_K_M weights (tests/test_llamacpp_emulation.py shows
+    each matmul agrees once that is reproduced, and why the stack still drifts): the exact
+    reference agrees on average, not at every position."""
+    golden_path = tmp_path / "golden.npz"
+    assert run_cli("golden", "record", "--out", str(golden_path)).returncode == 0
+    checked = run_cli("golden", "check", str(golden_path), "--json")
+    assert checked.returncode == 0, checked.stderr
+    doc = json.loads(checked.stdout)
+    assert doc["same_model_file"]
+    assert all(p["mean_cosine"] >= 0.99 and p["min_cosine"] >= 0.9 for p in doc["prompts"])
+    positions = sum(p["tokens"] for p in doc["prompts"])
+    agreeing = sum(p["top1_agreement"] * p["tokens"] for p in doc["prompts"])
+    assert agreeing / positions >= 0.93

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import functools
 
+import llama_cpp
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as GGMLType
@@ -42,9 +43,9 @@ PROMPTS = load_prompts()
 WORST_PROMPT = "json"  # where the exact reference is furthest from llama.cpp on the Q4_K_M file
 GOLDEN_BAR = Thresholds(min_cosine=0.99, min_top1=0.95)
 # Given llama.cpp's own input rows, the emulated matmul differs from its output by float
-# summation order only (measured <= 8e-7 of the output's largest value); the exact matmul
+# summation order only (measured <= 9.4e-7 of the output's largest value); the exact matmul
 # misses by the activation rounding (measured >= 2e-4).
-EMULATED_MATMUL_ERROR = 2e-6
+EMULATED_MATMUL_ERROR = 3e-6
 EXACT_MATMUL_ERROR = 5e-5
 
 
@@ -101,8 +102,6 @@ def capture_llamacpp(model_path, tokens, gguf) -> tuple[dict, dict]:
         elif tensor.type == GGML_TYPE_F32:
             outputs[tensor.name.decode()] = _float32_rows(tensor)
         return True
-
-    import llama_cpp
 
     llama = open_llama(model_path, n_ctx=len(tokens), n_batch=len(tokens), n_ubatch=len(tokens),
                        n_threads=2, n_threads_batch=2, flash_attn=False, type_k=KV_TYPE_F32, type_v=KV_TYPE_F32)

@@ -56,5 +56,9 @@ def _register() -> None:
     main.add_command(quant_cmds.quantize_tensor)
     main.add_command(quant_cmds.sweep)
 
+    from anepack.cli import convert_cmd
+
+    main.add_command(convert_cmd.convert)
+
 
 _register()

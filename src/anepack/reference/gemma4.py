@@ -64,20 +64,21 @@ class Gemma4(ReferenceModel):
         """Expert ``index`` of the 3-D bank ``name`` as float32 ``[out, in]``.
 
         A weight source with an ``expert(name, index)`` method (a streaming GGUF source) is asked
-        for that expert alone; any other source is asked for the whole bank, which is sliced.
+        for that expert alone, on every use and without caching, so memory stays at one expert
+        however many banks a run touches; any other source is asked for the whole bank once, which
+        is cached and sliced.
         """
         read_one = getattr(self._source, "expert", None)
         if read_one is None:
             return self.weight(name)[index]
-        key = f"{name}#e{index}"
-        cached = self._cache.get(key)
-        if cached is None:
-            loaded = np.asarray(read_one(name, index), dtype=np.float32)
-            cached = self._cache[key] = self.precision.weight(loaded)
-        return cached
+        return self.precision.weight(np.asarray(read_one(name, index), dtype=np.float32))
 
     def expert_linear(self, x: np.ndarray, name: str, index: int) -> np.ndarray:
-        """``x @ W_e.T`` for expert ``index`` of bank ``name``, seen by the observer as ``name#e<index>``."""
+        """``x @ W_e.T`` for expert ``index`` of bank ``name``, seen by the observer as ``name#e<index>``.
+
+        Emulated arithmetic takes the activation type from the bank's storage type; Q4_1/Q5_1
+        banks cannot be emulated (their correction term would need one expert's mins).
+        """
         if self.observer is not None:
             self.observer(f"{name}#e{index}", x)
         weight = self.expert(name, index)

@@ -22,7 +22,7 @@ from anepack.golden import Prompt
 from anepack.source.fingerprint import file_fingerprint
 from anepack.source.gguf_file import GGUFFile
 
-CALIBRATION_FORMAT = 1
+CALIBRATION_FORMAT = 2
 
 
 @dataclass
@@ -33,6 +33,7 @@ class Importance:
     prompts_digest: str
     tokens: int = 0
     columns: dict[str, np.ndarray] = field(default_factory=dict)
+    max_abs_hidden: float = 0.0  # largest |residual stream| value seen: sizes the fp16 scale
 
     def get(self, tensor: str) -> np.ndarray | None:
         return self.columns.get(tensor)
@@ -40,7 +41,7 @@ class Importance:
     def save(self, path: str | os.PathLike[str]) -> Path:
         path = Path(path)
         meta = {"format": CALIBRATION_FORMAT, "model": self.model_fingerprint,
-                "prompts": self.prompts_digest, "tokens": self.tokens}
+                "prompts": self.prompts_digest, "tokens": self.tokens, "max_abs_hidden": self.max_abs_hidden}
         arrays = {f"t:{name}": values.astype(np.float32) for name, values in self.columns.items()}
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -59,9 +60,11 @@ class Importance:
             archive = np.load(path, allow_pickle=False)
             meta = json.loads(archive["meta"].tobytes().decode())
             columns = {key[2:]: archive[key] for key in archive.files if key.startswith("t:")}
+            if meta.get("format") != CALIBRATION_FORMAT:
+                raise ValueError(f"format {meta.get('format')}, expected {CALIBRATION_FORMAT}")
+            return cls(meta["model"], meta["prompts"], meta["tokens"], columns, meta["max_abs_hidden"])
         except (OSError, ValueError, KeyError, json.JSONDecodeError) as err:
-            raise AnepackError(path, f"not a calibration file written by anepack ({err})") from None
-        return cls(meta["model"], meta["prompts"], meta["tokens"], columns)
+            raise AnepackError(path, f"not a calibration file of this anepack version ({err})") from None
 
 
 def prompts_digest(prompts: Sequence[Prompt]) -> str:
@@ -87,13 +90,15 @@ def collect_importance(
 
     model = build(gguf.config, source_weights(gguf))
     model.observer = observe
+    max_abs_hidden = 0.0
     for index, tokens in enumerate(token_lists):
-        model.forward(tokens)
+        result = model.forward(tokens)
+        max_abs_hidden = max([max_abs_hidden] + [float(np.abs(h).max()) for h in result.hidden_states])
         count += len(tokens)
         if progress is not None:
             progress(index)
     columns = {name: (total / count).astype(np.float32) for name, total in sums.items()}
-    return Importance(file_fingerprint(gguf.path), digest, count, columns)
+    return Importance(file_fingerprint(gguf.path), digest, count, columns, max_abs_hidden)
 
 
 def capture_inputs(
@@ -135,8 +140,11 @@ def load_or_collect(
     """Reuse ``cache_path`` when it was measured on this model and these prompts; else measure."""
     digest = prompts_digest(prompts)
     if cache_path.exists():
-        cached = Importance.load(cache_path)
-        if cached.model_fingerprint == file_fingerprint(gguf.path) and cached.prompts_digest == digest:
+        try:
+            cached = Importance.load(cache_path)
+        except AnepackError:
+            cached = None  # an older or damaged cache entry is measured again
+        if cached and cached.model_fingerprint == file_fingerprint(gguf.path) and cached.prompts_digest == digest:
             return cached
     importance = collect_importance(gguf, token_lists, digest, progress)
     importance.save(cache_path)

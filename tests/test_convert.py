@@ -1,0 +1,47 @@
+"""``anepack convert`` end to end on a synthetic model: the gate stops bad recipes, good ones ship."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from anepack.synth import write_synthetic_gguf
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "anepack.cli", *args], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return write_synthetic_gguf(tmp_path_factory.mktemp("convert") / "g3.gguf", "gemma3", layers=3, seed=21)
+
+
+def test_gate_stops_a_build_that_would_fail_and_names_the_blame(model, tmp_path):
+    recipe = tmp_path / "bad.toml"
+    recipe.write_text('name = "bad"\n[[rule]]\ntensors = "blk.*.attn_v.weight"\nformat = "lut1-tensor"\n'
+                      '[[rule]]\ntensors = "*"\nformat = "int8-channel"\n')
+    out = tmp_path / "shards"
+    result = run_cli("convert", str(model), "--recipe", str(recipe), "--out", str(out), "--chunk", "8",
+                     "--context", "32")
+    assert result.returncode == 2, result.stderr
+    message = result.stderr.strip().splitlines()[-1]
+    assert "pre-flight gate failed" in message and "attn_v.weight" in message and "Traceback" not in result.stderr
+    assert not (out / "manifest.json").exists() and not list(out.glob("*.mlpackage"))
+
+
+def test_convert_ships_a_validated_artifact(model, tmp_path):
+    out = tmp_path / "shards"
+    result = run_cli("convert", str(model), "--recipe", "int8-per-channel", "--out", str(out), "--chunk", "8",
+                     "--context", "32", "--json")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["passed"], doc["notes"]
+    assert doc["artifact"]["min_cosine"] >= 0.999
+    assert all(p["min_cosine"] >= 0.97 and p["top1_agreement"] >= 0.9 for p in doc["prompts"])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["validation"]["passed"] and manifest["recipe_name"] == "int8-per-channel"
+    assert (out / "report.html").stat().st_size > 10_000

@@ -1,0 +1,71 @@
+"""The validators on a synthetic model: blame, isolated vs cumulative, the gate, the golden check."""
+
+from __future__ import annotations
+
+import pytest
+
+from anepack.source import open_gguf
+from anepack.synth import write_synthetic_gguf
+from anepack.validate.layers import sample_layers
+from anepack.validate.recipes import parse_recipe
+from anepack.validate.run import GateFailed, ValidationContext, gate_run, golden_run, layers_run, require_gate
+
+
+def recipe(*rules: tuple[str, str]) -> str:
+    body = "".join(f'\n[[rule]]\ntensors = "{pattern}"\nformat = "{fmt}"\n' for pattern, fmt in rules)
+    return parse_recipe('name = "test"\ndescription = "test"\n' + body)
+
+
+@pytest.fixture(scope="module")
+def context(tmp_path_factory):
+    path = write_synthetic_gguf(tmp_path_factory.mktemp("validate") / "g3.gguf", "gemma3", layers=6, seed=11)
+    gguf = open_gguf(path)
+    yield ValidationContext.prepare(gguf, use_importance=False)
+    gguf.close()
+
+
+def test_sample_layers_closed_form():
+    assert sample_layers(18) == [0, 4, 8, 13, 17]
+    assert sample_layers(30) == [0, 7, 14, 22, 29]
+    assert sample_layers(3) == [0, 1, 2]
+
+
+def test_blame_names_the_one_damaged_tensor(context):
+    damaged = recipe(("blk.2.ffn_up.weight", "lut1-tensor"))
+    record = layers_run(context, damaged, [2])
+    layer = record["layers"][0]
+    assert layer["blame"][0]["tensor"] == "blk.2.ffn_up.weight"
+    assert layer["blame"][0]["share"] > 0.9
+    assert layer["blame"][0]["format"] == "lut1-tensor"
+    assert layer["isolated_min"] < 0.99
+
+
+def test_cumulative_sees_what_isolated_cannot(context):
+    # only layer 0 is damaged: layer 3 alone is exact (fp16), but the stack carries layer 0's error
+    damaged = recipe(("blk.0.*", "lut2-tensor"))
+    record = layers_run(context, damaged, [0, 3], with_blame=False)
+    layer0, layer3 = record["layers"]
+    assert layer3["isolated_min"] > 0.999
+    assert layer3["cumulative_min"] < layer3["isolated_min"] - 0.01
+    assert layer0["cumulative_min"] == pytest.approx(layer0["isolated_min"])
+
+
+def test_gate_stops_a_failing_recipe_and_names_the_blame(context):
+    record = gate_run(context, recipe(("blk.*.attn_v.weight", "lut1-tensor")), sample=3)
+    assert not record["passed"] and record["kind"] == "gate"
+    with pytest.raises(GateFailed) as failure:
+        require_gate(record)
+    message = str(failure.value)
+    assert "attn_v.weight" in message and "pre-flight gate failed" in message and "\n" not in message
+    forced = require_gate(record, force=True)
+    assert forced["forced"] and any("--force" in note for note in forced["notes"])
+
+
+def test_golden_check_passes_fp16_and_fails_one_bit(context):
+    exact = golden_run(context, recipe(("*", "fp16")))
+    assert exact["passed"]
+    assert min(p["min_cosine"] for p in exact["prompts"]) > 0.999
+    broken = golden_run(context, recipe(("blk.*", "lut1-tensor")))
+    assert not broken["passed"]
+    assert any(p["first_failing_position"] is not None for p in broken["prompts"])
+    assert broken["bits"]["layers_average"] < 1.1
