@@ -15,9 +15,10 @@ moves; wall seconds are printed too.
     python benchmarks/palettize_vs_coremltools.py            # synthetic bank + real tensors
     python benchmarks/palettize_vs_coremltools.py --quick    # real tensors only (~2 min)
 
-The full run takes about 25 minutes, most of it coremltools on the 45056 x 704 bank (about
-2 min at lut4-g16, 10 at lut6-g16). Exact k-means of the bank at lut6-g16 would take about
-10 more minutes and is left out (shown as "-").
+The full run takes 25-40 minutes, most of it coremltools on the 45056 x 704 bank (2-4 min
+at lut4-g16, 9-15 at lut6-g16) and exact k-means of the bank at lut4-g16 (about 3 min).
+Exact k-means of the bank at lut6-g16 would take about 13 more minutes and is left out
+(shown as "-").
 """
 
 from __future__ import annotations

@@ -123,8 +123,8 @@ def convert(
         f"artifact vs simulation (same dequantized weights): min logit cosine {min(artifact_cosines):.6f} "
         f"(bar {MIN_ARTIFACT_COSINE})"
     )
-    record["notes"].append(f"residency lint: {lint['ane_op_share']:.1%} of ops and "
-                           f"{lint['ane_weight_share']:.1%} of weight bytes predicted on the ANE")
+    record["notes"].append(f"residency lint: {lint['totals']['op_share']:.1%} of ops and "
+                           f"{lint['totals']['byte_share']:.1%} of weight bytes predicted on the ANE")
     record["timings"]["total_s"] = time.perf_counter() - started
 
     manifest = read_manifest(out_dir)
@@ -135,8 +135,9 @@ def convert(
         "artifact_min_cosine": min(artifact_cosines),
         "golden": [{k: p[k] for k in ("name", "min_cosine", "top1_agreement", "passed")} for p in record["prompts"]],
         "bits": record["bits"],
-        "ane_op_share": lint["ane_op_share"],
-        "ane_weight_share": lint["ane_weight_share"],
+        "ane_op_share": lint["totals"]["op_share"],
+        "ane_weight_share": lint["totals"]["byte_share"],
+        "all_on_ane": lint["all_on_ane"],
     }
     write_manifest(manifest, out_dir)
     write_report(record, out_dir / "report.html")

@@ -60,5 +60,13 @@ def _register() -> None:
 
     main.add_command(convert_cmd.convert)
 
+    from anepack.cli import lint_cmds
+
+    main.add_command(lint_cmds.lint)
+
+    from anepack.cli import runtime_cmds
+
+    main.add_command(runtime_cmds.generate)
+
 
 _register()

@@ -416,7 +416,7 @@ def _wide_candidates(boundaries: np.ndarray) -> np.ndarray:
     offsets from each neighbour (one- or two-point clusters in the tails), or every
     position when the neighbours are that close."""
     fractions = np.arange(_WIDE_STEPS) / _WIDE_STEPS
-    left, current, right = boundaries[:, :-2, None], boundaries[:, 1:-1, None], boundaries[:, 2:, None]
+    left, current, right = _neighbourhood(boundaries)
     sampled = np.sort(
         np.concatenate(
             [
@@ -438,21 +438,25 @@ def _wide_candidates(boundaries: np.ndarray) -> np.ndarray:
 def _local_candidates(boundaries: np.ndarray) -> np.ndarray:
     """Per inner boundary: its position and +- each of ``_LOCAL_OFFSETS``, within its
     neighbours."""
-    left, current, right = boundaries[:, :-2, None], boundaries[:, 1:-1, None], boundaries[:, 2:, None]
-    return np.sort(
-        np.concatenate(
-            [
-                np.clip(current - _LOCAL_OFFSETS[::-1], left, right),
-                current,
-                np.clip(current + _LOCAL_OFFSETS, left, right),
-            ],
-            axis=2,
-        ),
+    left, current, right = _neighbourhood(boundaries)
+    return np.concatenate(
+        [
+            np.clip(current - _LOCAL_OFFSETS[::-1], left, right),
+            current,
+            np.clip(current + _LOCAL_OFFSETS, left, right),
+        ],
         axis=2,
     )
 
 
-def _dp_over_candidates(groups: _SortedGroups, rows: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+def _neighbourhood(boundaries: np.ndarray):
+    """Each inner boundary's left neighbour, itself and right neighbour, ``[G, k - 1, 1]``."""
+    return boundaries[:, :-2, None], boundaries[:, 1:-1, None], boundaries[:, 2:, None]
+
+
+def _dp_over_candidates(
+    groups: _SortedGroups, rows: np.ndarray, candidates: np.ndarray
+) -> np.ndarray:
     """Boundaries ``[len(rows), k + 1]`` maximizing the score when inner boundary ``j`` of
     group ``rows[i]`` takes one of ``candidates[i, j]`` (ascending), all chosen jointly.
 

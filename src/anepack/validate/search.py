@@ -1,7 +1,7 @@
 """Mixed-bit recipe search, after Apple's mixed-bit palettization (ml-stable-diffusion).
 
-1. Score each tensor alone: its layer's output with only that tensor compressed, for every
-   candidate format (isolated, on the calibration prompts).
+1. Score each tensor alone: its layer's output with only that tensor compressed at the
+   cheapest candidate format (isolated, on the calibration prompts).
 2. Add tensors cumulatively, least damaging first: each gets the fewest bits whose quantized
    stack (every tensor assigned so far) keeps every layer's cumulative hidden-state cosine at
    or above the target; a tensor no candidate satisfies stays float16.
@@ -42,7 +42,7 @@ FP16 = parse_format("fp16")
 class SearchResult:
     recipe: Recipe
     bits: dict[str, float]
-    alone: dict[str, dict[str, float]]  # tensor -> format -> loss (sum of 1 - cosine)
+    alone: dict[str, float]  # tensor -> loss (sum of 1 - cosine) alone at the cheapest candidate
     layer_cosine: list[float]  # cumulative min cosine per layer on the calibration prompts
     head_cosine: float
     head_top1: float
@@ -105,14 +105,14 @@ def search_recipe(
     def cosines(outputs, il: int) -> np.ndarray:
         return np.concatenate([rowwise_cosine(s[il + 1], out) for s, out in zip(states, outputs)])
 
-    alone: dict[str, dict[str, float]] = {}
-    for tensor in layer_tensors:
+    # The order needs each tensor's damage at the cheapest candidate only.
+    cheapest = ladder[0]
+    alone: dict[str, float] = {}
+    for count, tensor in enumerate(layer_tensors, start=1):
         il = tensor_layer(tensor)
-        alone[tensor] = {}
-        for fmt in ladder:
-            step(f"scoring {tensor} {fmt.spec}")
-            outputs = run_layer(il, cache.source({tensor: fmt}), [s[il] for s in states])
-            alone[tensor][fmt.spec] = float(np.sum(1.0 - cosines(outputs, il)))
+        step(f"scoring {count}/{len(layer_tensors)} {tensor} at {cheapest.spec}")
+        outputs = run_layer(il, cache.source({tensor: cheapest}), [s[il] for s in states])
+        alone[tensor] = float(np.sum(1.0 - cosines(outputs, il)))
 
     assignment: dict[str, Format] = {}
     # quantized-stack inputs per layer under the current assignment; index il = input to layer il
@@ -127,7 +127,7 @@ def search_recipe(
             worst = min(worst, float(cosines(hidden, il).min()))
         return worst, new_states
 
-    order = sorted(layer_tensors, key=lambda t: alone[t][ladder[0].spec])
+    order = sorted(layer_tensors, key=lambda t: alone[t])
     for count, tensor in enumerate(order, start=1):
         il = tensor_layer(tensor)
         chosen = FP16
