@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from anepack.quant.formats import FormatSpecError, LutFormat, VectorLutFormat
-from anepack.quant.kmeans import kmeans_1d
+from anepack.quant.kmeans import kmeans_1d, nearest_labels
 from anepack.quant.linear import blockwise_shift_scale, float16_scale, symmetric_codes
 from anepack.quant.packing import QuantizedTensor
 
@@ -122,16 +122,6 @@ def _stored_lut(centroids: np.ndarray, int8_lut: bool):
     return codes, scale, decoded
 
 
-def _nearest_sorted(values: np.ndarray, levels: np.ndarray) -> np.ndarray:
-    """Per group (row), the index of the nearest of ``levels`` (ascending) for each value."""
-    levels = levels.astype(np.float32)
-    midpoints = (levels[:, :-1] + levels[:, 1:]) / 2.0
-    labels = np.empty(values.shape, dtype=np.uint8)
-    for group, (row, row_midpoints) in enumerate(zip(values, midpoints)):
-        labels[group] = np.searchsorted(row_midpoints, row, side="left")
-    return labels
-
-
 def quantize_lut(
     weight: np.ndarray, fmt: LutFormat, importance: np.ndarray | None = None
 ) -> PalettizedTensor:
@@ -158,7 +148,7 @@ def quantize_lut(
     grouped = values.reshape(rows // group, group * cols)
     centroids, _ = kmeans_1d(grouped, fmt.entries, error_weights)
     lut, lut_scale, decoded = _stored_lut(centroids, fmt.int8_lut)
-    indices = _nearest_sorted(grouped, decoded).reshape(rows, cols)
+    indices = nearest_labels(grouped, decoded).reshape(rows, cols)
     lut_shape = (rows // group, 1, fmt.entries, 1)
     return PalettizedTensor(
         format=fmt,
