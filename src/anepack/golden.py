@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from anepack import __version__
+from anepack.atomic import atomic_output
 from anepack.errors import AnepackError
 from anepack.metrics import kl_divergence, rowwise_cosine, top1_agreement
 from anepack.source.fingerprint import file_fingerprint
@@ -90,13 +91,8 @@ class Golden:
         for index, prompt in enumerate(self.prompts):
             arrays[f"tokens_{index}"] = prompt.tokens.astype(np.int32)
             arrays[f"logits_{index}"] = prompt.logits.astype(np.float16)
-        partial = path.with_name(f".{path.name}.partial")
-        try:
-            with open(partial, "wb") as handle:
-                np.savez(handle, **arrays)
-            os.replace(partial, path)
-        finally:
-            partial.unlink(missing_ok=True)
+        with atomic_output(path) as partial, open(partial, "wb") as handle:
+            np.savez(handle, **arrays)
         return path
 
     @classmethod

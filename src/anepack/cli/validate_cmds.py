@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
+from anepack.atomic import atomic_write_bytes
 from anepack.cli.golden_cmds import render_checks
 from anepack.cli.history_cmds import db_option
 from anepack.cli.output import console, emit, err_console, json_option, model_argument
@@ -208,9 +209,7 @@ def search_command(model, max_bpw, min_layer_cos, allow_gpu_formats, name, out_p
             result = search_recipe(gguf, tokens, importance_vectors, min_layer_cos, max_bpw, name,
                                    allow_gpu_formats, progress=status.update)
     path = Path(out_path)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(result.recipe.text)
-    partial.replace(path)
+    atomic_write_bytes(path, result.recipe.text.encode())
     counts: dict[str, int] = {}
     for rule in result.recipe.rules:
         counts[rule.format.spec] = counts.get(rule.format.spec, 0) + (len(rule.layers) if rule.layers else 1)

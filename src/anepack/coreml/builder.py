@@ -34,6 +34,7 @@ from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.mil import Function, Var, types
 
 import anepack
+from anepack.atomic import atomic_write_bytes
 from anepack.coreml.manifest import (
     MANIFEST_FORMAT,
     MANIFEST_NAME,
@@ -45,7 +46,6 @@ from anepack.coreml.manifest import (
     write_manifest,
 )
 from anepack.coreml.package import (
-    atomic_write_bytes,
     content_hash,
     package_metadata,
     remove_path,

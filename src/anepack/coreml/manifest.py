@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from anepack.coreml.package import atomic_write_bytes
+from anepack.atomic import atomic_write_bytes
 from anepack.errors import AnepackError
 
 MANIFEST_NAME = "manifest.json"

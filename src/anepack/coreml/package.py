@@ -29,17 +29,14 @@ from coremltools.converters.mil.backend.mil.load import load as export_milproto
 from coremltools.converters.mil.mil import Function, Program
 from coremltools.proto import Model_pb2
 
+from anepack.atomic import TEMPORARY_MARKER, atomic_write_bytes, temporary_path
+
 SPEC_PATH = "Data/com.apple.CoreML/model.mlmodel"
 WEIGHTS_PATH = "Data/com.apple.CoreML/weights"
 SPECIFICATION_VERSION = ct.target.iOS18
 _AUTHOR = "com.apple.CoreML"
-_TEMPORARY_MARKERS = (".tmp-", ".old-")
+_TEMPORARY_MARKERS = (TEMPORARY_MARKER, ".old-")
 _HASH_CHUNK = 1 << 22
-
-
-def temporary_path(path: Path, marker: str = ".tmp-") -> Path:
-    """A hidden sibling of ``path`` that no reader mistakes for the finished artifact."""
-    return path.with_name(f".{path.name}{marker}{os.getpid()}")
 
 
 def remove_temporaries(directory: Path) -> None:
@@ -66,16 +63,6 @@ def _install(staging: Path, path: Path) -> None:
     os.rename(path, retired)
     os.rename(staging, path)
     remove_path(retired)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename."""
-    staging = temporary_path(path)
-    try:
-        staging.write_bytes(data)
-        os.replace(staging, path)
-    finally:
-        staging.unlink(missing_ok=True)
 
 
 def _manifest_json(spec_bytes: bytes) -> bytes:

@@ -60,9 +60,9 @@ def read_config(out_dir: str | Path) -> ModelConfig:
         raise AnepackError(path, "missing: the build did not store the model config (anepack convert writes it)") from None
     except (OSError, ValueError) as err:
         raise AnepackError(path, f"unreadable model config ({err})") from None
-    cls = _CONFIG_CLASSES.get(document.get("architecture"))
-    if cls is None:
-        raise AnepackError(path, f"unknown architecture {document.get('architecture')!r}")
+    cls = _CONFIG_CLASSES.get(document.get("architecture")) if isinstance(document, dict) else None
+    if cls is None or not isinstance(document.get("config"), dict):
+        raise AnepackError(path, "not a model config: needs a known 'architecture' and a 'config' object")
     # JSON has no tuples; the configs' sequence fields are tuples.
     fields = {key: tuple(value) if isinstance(value, list) else value for key, value in document["config"].items()}
     try:

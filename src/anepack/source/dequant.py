@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGUFWriter, LlamaFileType
 
+from anepack.atomic import atomic_output
 from anepack.source.gguf_file import open_gguf
 
 OUTPUT_TYPES = {
@@ -35,8 +36,7 @@ def dequantize_gguf(
     """
     np_type, file_type = OUTPUT_TYPES[out_type]
     target = Path(target)
-    partial = target.with_name(f".{target.name}.partial")
-    with open_gguf(source) as gguf:
+    with open_gguf(source) as gguf, atomic_output(target) as partial:
         writer = GGUFWriter(partial, gguf.architecture, use_temp_file=False)
         for key in gguf.metadata:
             if key in _REWRITTEN_KEYS:
@@ -51,16 +51,12 @@ def dequantize_gguf(
             layout.append((info.name, dtype))
             nbytes = info.n_elements * np.dtype(dtype).itemsize
             writer.add_tensor_info(info.name, info.shape, np.dtype(dtype), nbytes)
-        try:
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
-            for name, dtype in layout:
-                if progress is not None:
-                    progress(name)
-                writer.write_tensor_data(gguf.tensor(name).astype(dtype, copy=False))
-            writer.close()
-            os.replace(partial, target)
-        finally:
-            partial.unlink(missing_ok=True)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for name, dtype in layout:
+            if progress is not None:
+                progress(name)
+            writer.write_tensor_data(gguf.tensor(name).astype(dtype, copy=False))
+        writer.close()
     return target

@@ -27,6 +27,23 @@ def stored_name(gguf: GGUFFile, name: str) -> str:
     return name
 
 
+class SourceWeights:
+    """The model's own weights, dequantized from the GGUF on request.
+
+    ``expert(name, index)`` serves one expert of a 3-D bank, so a reference that streams
+    experts holds one expert at a time instead of the whole bank.
+    """
+
+    def __init__(self, gguf: GGUFFile):
+        self.gguf = gguf
+
+    def __call__(self, name: str) -> np.ndarray:
+        return self.gguf.tensor(stored_name(self.gguf, name))
+
+    def expert(self, name: str, index: int) -> np.ndarray:
+        return self.gguf.expert(name, index)
+
+
 def source_weights(gguf: GGUFFile) -> WeightSource:
-    """The model's own weights, dequantized from the GGUF on request."""
-    return lambda name: gguf.tensor(stored_name(gguf, name))
+    """The model's own weights, dequantized from the GGUF on request (experts one at a time)."""
+    return SourceWeights(gguf)

@@ -4,6 +4,11 @@ Importance is llama.cpp's imatrix: the mean squared activation of each input col
 calibration tokens. It weights both the k-means objective and linear rounding, so columns that
 carry large activations get the precise codes. Statistics are saved to an ``.npz`` file keyed
 by the model fingerprint and the prompts, and reused when both match.
+
+An expert bank gets one importance row per expert, averaged over the tokens routed to that
+expert only (the reference shows each expert's rows as ``<bank>#e<index>``). An expert no
+calibration token reaches has no statistics: its row is uniform, so its clustering is unweighted,
+and ``unreached`` lists it for the run record.
 """
 
 from __future__ import annotations
@@ -17,41 +22,66 @@ from pathlib import Path
 
 import numpy as np
 
+from anepack.atomic import atomic_output
 from anepack.errors import AnepackError
 from anepack.golden import Prompt
 from anepack.source.fingerprint import file_fingerprint
 from anepack.source.gguf_file import GGUFFile
 
-CALIBRATION_FORMAT = 2
+CALIBRATION_FORMAT = 3
+EXPERT_MARK = "#e"  # the reference names expert k of bank B "B#e<k>" when it shows its inputs
 
 
 @dataclass
 class Importance:
-    """Per-tensor importance vectors ``[Cin]`` and the tokens they were measured on."""
+    """Importance per tensor (``[Cin]``, or ``[E, Cin]`` for an expert bank) and the tokens behind it."""
 
     model_fingerprint: str
     prompts_digest: str
     tokens: int = 0
+    # matrix -> [Cin]; expert bank -> [E, Cin], a row of zeros where no token reached the expert
     columns: dict[str, np.ndarray] = field(default_factory=dict)
     max_abs_hidden: float = 0.0  # largest |residual stream| value seen: sizes the fp16 scale
+    expert_tokens: dict[str, np.ndarray] = field(default_factory=dict)  # bank -> [E] tokens routed
 
     def get(self, tensor: str) -> np.ndarray | None:
-        return self.columns.get(tensor)
+        """``[Cin]`` for a matrix, ``[E, Cin]`` for a bank (uniform rows for unreached experts)."""
+        columns = self.columns.get(tensor)
+        counts = self.expert_tokens.get(tensor)
+        if columns is None or counts is None:
+            return columns
+        return np.where((counts > 0)[:, None], columns, np.float32(1.0))
+
+    def unreached(self, bank: str) -> list[int]:
+        """Experts of ``bank`` that no calibration token was routed to."""
+        counts = self.expert_tokens.get(bank)
+        return [] if counts is None else [int(e) for e in np.flatnonzero(counts == 0)]
+
+    def pooled(self, bank: str) -> np.ndarray | None:
+        """``[Cin]``: mean squared input over every token routed to any expert of ``bank``, the
+        importance of the bank quantized as one tensor."""
+        counts = self.expert_tokens.get(bank)
+        if counts is None or not counts.any():
+            return None
+        return (counts @ self.columns[bank] / counts.sum()).astype(np.float32)
+
+    def unreached_note(self) -> str | None:
+        """One line for the run record naming every unreached expert, or None when all were reached."""
+        parts = [f"{bank} {self.unreached(bank)}" for bank in sorted(self.expert_tokens) if self.unreached(bank)]
+        if not parts:
+            return None
+        return "experts no calibration token reached (quantized unweighted): " + "; ".join(parts)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         path = Path(path)
         meta = {"format": CALIBRATION_FORMAT, "model": self.model_fingerprint,
                 "prompts": self.prompts_digest, "tokens": self.tokens, "max_abs_hidden": self.max_abs_hidden}
         arrays = {f"t:{name}": values.astype(np.float32) for name, values in self.columns.items()}
+        arrays |= {f"n:{name}": counts.astype(np.int64) for name, counts in self.expert_tokens.items()}
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.partial")
-        try:
-            with open(partial, "wb") as handle:
-                np.savez(handle, **arrays)
-            os.replace(partial, path)
-        finally:
-            partial.unlink(missing_ok=True)
+        with atomic_output(path) as partial, open(partial, "wb") as handle:
+            np.savez(handle, **arrays)
         return path
 
     @classmethod
@@ -60,9 +90,10 @@ class Importance:
             archive = np.load(path, allow_pickle=False)
             meta = json.loads(archive["meta"].tobytes().decode())
             columns = {key[2:]: archive[key] for key in archive.files if key.startswith("t:")}
+            counts = {key[2:]: archive[key] for key in archive.files if key.startswith("n:")}
             if meta.get("format") != CALIBRATION_FORMAT:
                 raise ValueError(f"format {meta.get('format')}, expected {CALIBRATION_FORMAT}")
-            return cls(meta["model"], meta["prompts"], meta["tokens"], columns, meta["max_abs_hidden"])
+            return cls(meta["model"], meta["prompts"], meta["tokens"], columns, meta["max_abs_hidden"], counts)
         except (OSError, ValueError, KeyError, json.JSONDecodeError) as err:
             raise AnepackError(path, f"not a calibration file of this anepack version ({err})") from None
 
@@ -77,16 +108,31 @@ def collect_importance(
     digest: str,
     progress: Callable[[int], None] | None = None,
 ) -> Importance:
-    """Run the exact reference over the token lists and average each linear's squared inputs."""
+    """Run the exact reference over the token lists and average each linear's squared inputs.
+
+    A matrix averages over every token; each expert of a bank over the tokens routed to it.
+    """
     from anepack.reference import build
     from anepack.source.weights import source_weights
 
     sums: dict[str, np.ndarray] = {}
+    bank_sums: dict[str, np.ndarray] = {}
+    bank_counts: dict[str, np.ndarray] = {}
     count = 0
 
     def observe(name: str, inputs: np.ndarray) -> None:
-        squares = np.square(inputs.reshape(-1, inputs.shape[-1]), dtype=np.float64).sum(axis=0)
-        sums[name] = sums.get(name, 0.0) + squares
+        rows = inputs.reshape(-1, inputs.shape[-1])
+        squares = np.square(rows, dtype=np.float64).sum(axis=0)
+        bank, mark, index = name.rpartition(EXPERT_MARK)
+        if not mark:
+            sums[name] = sums.get(name, 0.0) + squares
+            return
+        if bank not in bank_sums:
+            n_experts = gguf.info(bank).shape[0]
+            bank_sums[bank] = np.zeros((n_experts, rows.shape[1]))
+            bank_counts[bank] = np.zeros(n_experts, dtype=np.int64)
+        bank_sums[bank][int(index)] += squares
+        bank_counts[bank][int(index)] += rows.shape[0]
 
     model = build(gguf.config, source_weights(gguf))
     model.observer = observe
@@ -98,7 +144,10 @@ def collect_importance(
         if progress is not None:
             progress(index)
     columns = {name: (total / count).astype(np.float32) for name, total in sums.items()}
-    return Importance(file_fingerprint(gguf.path), digest, count, columns, max_abs_hidden)
+    for bank, total in bank_sums.items():
+        counts = bank_counts[bank]
+        columns[bank] = (total / np.maximum(counts, 1)[:, None]).astype(np.float32)
+    return Importance(file_fingerprint(gguf.path), digest, count, columns, max_abs_hidden, bank_counts)
 
 
 def capture_inputs(

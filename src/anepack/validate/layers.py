@@ -7,7 +7,13 @@ For each chosen layer and every position of every calibration prompt:
 - cumulative: the quantized stack from the embedding up to that layer, against the exact stack
   (what the errors of all earlier layers add up to: the brief's failure hides here);
 - blame: the layer run isolated with one tensor quantized at a time; each tensor's share of the
-  layer's loss (1 - cosine, summed over positions) says which tensor to give more bits.
+  layer's loss (1 - cosine, summed over positions) says which tensor to give more bits. An
+  expert bank is one tensor here, whether its experts are quantized alone or together.
+
+Prompts are processed one at a time, each from its own ``embed``: a Gemma 4 layer may read
+per-sequence state besides its input (per-layer embeddings, keys and values shared from an
+earlier layer). Run isolated, a layer that reuses another layer's keys and values gets them
+from that layer run isolated on the same prompt first.
 """
 
 from __future__ import annotations
@@ -85,8 +91,20 @@ def exact_states(gguf: GGUFFile, token_lists: Sequence[np.ndarray], last_layer: 
     return states
 
 
-def _cosines(outputs: list[np.ndarray], references: list[np.ndarray]) -> np.ndarray:
-    return np.concatenate([rowwise_cosine(ref, out) for out, ref in zip(outputs, references)])
+def _kv_sources(config, layers: Sequence[int]) -> list[int]:
+    """``layers`` plus the layers whose keys and values they reuse (Gemma 4 KV sharing), in order."""
+    has_kv = getattr(config, "has_kv", None)
+    needed = set(layers)
+    if has_kv is not None:
+        needed |= {config.kv_source(il) for il in layers if not has_kv(il)}
+    return sorted(needed)
+
+
+def _isolated(model, tokens: np.ndarray, states: list[np.ndarray], layers: Sequence[int]) -> dict[int, np.ndarray]:
+    """Each of ``layers`` of ``model`` on the exact input state of one prompt (``states[il]``)."""
+    model.embed(tokens)  # this prompt's per-sequence state (per-layer inputs, shared keys and values)
+    outputs = {il: model.layer(il, states[il]) for il in _kv_sources(model.config, layers)}
+    return {il: outputs[il] for il in layers}
 
 
 def validate_layers(
@@ -104,32 +122,36 @@ def validate_layers(
     states = exact_states(gguf, token_lists, layers[-1])
 
     quantized = build(gguf.config, weights)
-    cumulative: dict[int, np.ndarray] = {}
-    hidden = [quantized.embed(tokens) for tokens in token_lists]
-    for il in range(layers[-1] + 1):
-        step(f"cumulative layer {il}")
-        hidden = [quantized.layer(il, h) for h in hidden]
-        if il in layers:
-            cumulative[il] = _cosines(hidden, [s[il + 1] for s in states])
+    cumulative: dict[int, list[np.ndarray]] = {il: [] for il in layers}
+    isolated: dict[int, list[np.ndarray]] = {il: [] for il in layers}
+    for index, (tokens, exact) in enumerate(zip(token_lists, states)):
+        step(f"quantized stack, prompt {index + 1} of {len(states)}")
+        hidden = quantized.embed(tokens)
+        for il in range(layers[-1] + 1):
+            hidden = quantized.layer(il, hidden)
+            if il in cumulative:
+                cumulative[il].append(rowwise_cosine(exact[il + 1], hidden))
+        for il, output in _isolated(quantized, tokens, exact, layers).items():
+            isolated[il].append(rowwise_cosine(exact[il + 1], output))
 
     checks = []
     for il in layers:
-        inputs = [s[il] for s in states]
-        expected = [s[il + 1] for s in states]
-        isolated = _cosines([quantized.layer(il, x) for x in inputs], expected)
-        blame = _blame(gguf, weights, il, inputs, expected, step) if with_blame else []
-        checks.append(LayerCheck(il, isolated, cumulative[il], blame))
+        blame = _blame(gguf, weights, il, token_lists, states, step) if with_blame else []
+        checks.append(LayerCheck(il, np.concatenate(isolated[il]), np.concatenate(cumulative[il]), blame))
     return checks
 
 
-def _blame(gguf, weights: RecipeWeights, il: int, inputs, expected, step) -> list[dict]:
+def _blame(gguf, weights: RecipeWeights, il: int, token_lists, states, step) -> list[dict]:
     tensors = sorted(name for name in weights.quantizable if tensor_layer(name) == il)
     losses = {}
     minimums = {}
     for name in tensors:
         step(f"blame {name}")
         alone = build(gguf.config, weights.restricted({name}))
-        cosines = _cosines([alone.layer(il, x) for x in inputs], expected)
+        cosines = np.concatenate([
+            rowwise_cosine(exact[il + 1], _isolated(alone, tokens, exact, [il])[il])
+            for tokens, exact in zip(token_lists, states)
+        ])
         losses[name] = float(np.sum(1.0 - cosines))
         minimums[name] = float(cosines.min())
     total = sum(losses.values())

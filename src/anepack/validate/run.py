@@ -99,6 +99,9 @@ class ValidationContext:
             record["notes"].append("clustering and rounding without calibration importance")
         else:
             record["notes"].append(f"importance from {self.importance.tokens} calibration tokens")
+            unreached = self.importance.unreached_note()
+            if unreached:
+                record["notes"].append(unreached)
         return record
 
 
