@@ -63,9 +63,10 @@ format = "fp16"
 """
 
 # Chunks of 8 with the golden prompts cut to 17-21 tokens: a prefill spans up to 3 calls and
-# ends in a padded chunk or (17 tokens) a one-token decode call. Gemma's window of 4 is crossed inside and across
-# chunks; its 6 layers hold 5 sliding and 1 global (llama.cpp: il % 6 == 5); the budget splits
-# them over 2 packages. Llama's LM head is cut into 3 packages (768-row chunks).
+# ends in a padded chunk or (17 tokens) a one-token decode call. Gemma's window of 4 is crossed
+# inside and across chunks; its 6 layers hold 5 sliding and 1 global (llama.cpp: il % 6 == 5);
+# the budget splits them over 2 packages. Llama's LM head is cut into 3 packages (768-row
+# chunks). At D 64 / head_dim 32 one position fell to 0.99908 (fp16 alone), hence D 128.
 GEMMA_DIMS = dict(layers=6, n_embd=128, n_head=2, n_head_kv=1, head_dim=64, n_ff=256, sliding_window=4)
 GEMMA_BUILD = dict(alpha=0.5, chunk=8, context=128, max_shard_mb=0.3)
 LLAMA_BUILD = dict(alpha=0.5, chunk=8, context=128, max_shard_mb=0.25)

@@ -56,6 +56,7 @@ def convert(
     from anepack.coreml.lint import lint_shards
     from anepack.coreml.manifest import read_manifest, write_manifest
     from anepack.report.html import write_report
+    from anepack.runtime import write_host_files
     from anepack.runtime.shards import ShardRuntime
 
     step = progress or (lambda message, fraction=None: None)
@@ -86,6 +87,7 @@ def convert(
     weights = context.weights(recipe)
     alpha = choose_alpha(calibration.max_abs_hidden)
     built_started = time.perf_counter()
+    write_host_files(gguf, out_dir)
     manifest = build_shards(
         gguf, weights, out_dir, alpha=alpha, chunk=options.chunk, context=options.context,
         max_shard_mb=options.max_shard_mb,

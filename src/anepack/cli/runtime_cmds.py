@@ -16,7 +16,8 @@ def _rate(value: float | None) -> str:
 @click.command()
 @click.argument("shards", type=click.Path(file_okay=False))
 @click.option("--prompt", required=True, help="Text to continue (a BOS token is prepended).")
-@click.option("--max-tokens", default=32, show_default=True, type=click.IntRange(min=1), help="Tokens to generate at most.")
+@click.option("--max-tokens", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Tokens to generate at most.")
 @click.option("--backend", type=click.Choice(BACKENDS), default="mil", show_default=True,
               help="mil: anepack's MIL interpreter (anywhere); coreml: Core ML on the Neural Engine (macOS).")
 @click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0),

@@ -616,6 +616,7 @@ class MilProgram:
     _functions: dict[str, _Function] = field(repr=False)
     _storages: dict[Path, BlobStorage] = field(default_factory=dict, repr=False)
     _materialized: dict[tuple, tuple] = field(default_factory=dict, repr=False)
+    _widened_constants: dict[tuple, np.ndarray] = field(default_factory=dict, repr=False)
 
     @classmethod
     def load(cls, path: str | Path) -> "MilProgram":
@@ -705,10 +706,26 @@ class MilProgram:
 
     def _argument(self, function: _Function, parameter: str, bindings: list, env: dict, compute: bool) -> Any:
         """One parameter's value; ``compute`` widens float16 tensors to the float32 ops work in."""
-        values = [self._binding(function, binding, env) for binding in bindings]
         if compute:
-            values = [_widened(value) for value in values]
+            values = [self._computed(function, binding, env) for binding in bindings]
+        else:
+            values = [self._binding(function, binding, env) for binding in bindings]
         return values if parameter in _VARIADIC_INPUTS else values[0]
+
+    def _computed(self, function: _Function, binding: Any, env: dict) -> Any:
+        """A float32 operand; widened weights are kept, since widening them on every call
+        costs more than the matmuls they feed."""
+        if not isinstance(binding, str) or binding in env:
+            return _widened(self._binding(function, binding, env))
+        operation, position = function.constants[binding]
+        key = (operation.constant_key, position)
+        widened = self._widened_constants.get(key)
+        if widened is None:
+            widened = _widened(self._constant(function, binding))
+            if operation.keep and isinstance(widened, np.ndarray):
+                widened.flags.writeable = False
+                self._widened_constants[key] = widened
+        return widened
 
     def _binding(self, function: _Function, binding: Any, env: dict) -> Any:
         if isinstance(binding, _BlobValue):

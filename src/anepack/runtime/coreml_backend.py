@@ -20,7 +20,9 @@ class CoreMLShard:
 
     def __init__(self, path: Path):
         if sys.platform != "darwin":
-            raise AnepackError(path, "the coreml backend needs macOS (Core ML runs models only there); use --backend mil")
+            raise AnepackError(
+                path, "the coreml backend needs macOS (Core ML runs models only there); use --backend mil"
+            )
         self.path = Path(path)
         self._models: dict[str, object] = {}
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from gguf import GGUFValueType
 
-from anepack.coreml.package import atomic_write_bytes
+from anepack.atomic import atomic_write_bytes
 from anepack.errors import AnepackError
 from anepack.source.config import ModelConfig
 from anepack.source.gguf_file import GGUFFile
@@ -57,7 +57,9 @@ def read_config(out_dir: str | Path) -> ModelConfig:
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise AnepackError(path, "missing: the build did not store the model config (anepack convert writes it)") from None
+        raise AnepackError(
+            path, "missing: the build did not store the model config (anepack convert writes it)"
+        ) from None
     except (OSError, ValueError) as err:
         raise AnepackError(path, f"unreadable model config ({err})") from None
     cls = _CONFIG_CLASSES.get(document.get("architecture")) if isinstance(document, dict) else None

@@ -104,7 +104,8 @@ class ShardRuntime:
             raise AnepackError(None, f"expected a non-empty 1-D token sequence, got shape {tokens.shape}")
         bad = tokens[(tokens < 0) | (tokens >= self.config.vocab_size)]
         if bad.size:
-            raise AnepackError(None, f"token id {int(bad[0])} is outside the vocabulary (size {self.config.vocab_size})")
+            vocab = self.config.vocab_size
+            raise AnepackError(None, f"token id {int(bad[0])} is outside the vocabulary (size {vocab})")
         if self.position + tokens.size > self.context:
             raise AnepackError(self.out_dir, f"{self.position + tokens.size} positions exceed the build's context "
                                              f"of {self.context} tokens")
