@@ -10,6 +10,8 @@ HTML report. The run is recorded in the history; the manifest carries the result
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +21,6 @@ from anepack.golden import Thresholds, compare
 from anepack.metrics import rowwise_cosine
 from anepack.reference import build
 from anepack.source.gguf_file import GGUFFile
-from anepack.source.weights import source_weights
 from anepack.validate.recipes import Recipe
 from anepack.validate.record import RunRecord
 from anepack.validate.run import ValidationContext, calibrate, gate_run, require_gate
@@ -69,8 +70,9 @@ def convert(
     context = ValidationContext.prepare(gguf, prompts_path, use_importance=False)
     context.importance = calibration if options.use_importance else None
 
+    weights = context.weights(recipe)  # quantized once: the gate, the build and the checks share it
     step("pre-flight gate", None)
-    gate = gate_run(context, recipe, options.gate_sample, options.min_layer_cosine,
+    gate = gate_run(context, recipe, options.gate_sample, options.min_layer_cosine, weights,
                     progress=lambda message: step(f"gate: {message}", None))
     require_gate(gate, options.force)
 
@@ -84,11 +86,10 @@ def convert(
     record["notes"] += [note for note in gate["notes"] if "--force" in note]
     record["timings"]["gate_s"] = gate["timings"]["layers_s"]
 
-    weights = context.weights(recipe)
     alpha = choose_alpha(calibration.max_abs_hidden)
     built_started = time.perf_counter()
     write_host_files(gguf, out_dir)
-    manifest = build_shards(
+    build_shards(
         gguf, weights, out_dir, alpha=alpha, chunk=options.chunk, context=options.context,
         max_shard_mb=options.max_shard_mb,
         progress=lambda built: step(f"building {built.file}", (built.index + 1) / built.total),
@@ -96,18 +97,27 @@ def convert(
     record["timings"]["build_s"] = time.perf_counter() - built_started
     record["notes"].append(f"fp16 residual scale alpha = {alpha} (max |hidden| {calibration.max_abs_hidden:.0f})")
 
-    shards = ShardRuntime(out_dir, "mil")
+    checked_started = time.perf_counter()
+    # The references' logits first, then the weights are released before the shards are loaded:
+    # peak memory is the larger of the two phases, not their sum.
     simulated = build(gguf.config, weights)
-    exact = build(gguf.config, source_weights(gguf))
+    exact = build(gguf.config, weights.exact)
+    expected = []
+    for index, (prompt, tokens) in enumerate(zip(context.prompts, context.tokens)):
+        step(f"references: {prompt.name}", index / len(context.prompts))
+        expected.append((simulated.forward(tokens).logits, exact.forward(tokens).logits))
+    del simulated, exact, weights
+    gc.collect()
+
+    shards = ShardRuntime(out_dir, "mil")
     thresholds = Thresholds(options.min_logit_cosine, options.min_top1)
     artifact_cosines = []
-    checked_started = time.perf_counter()
-    for index, (prompt, tokens) in enumerate(zip(context.prompts, context.tokens)):
+    for index, (prompt, tokens, (same_weights, source)) in enumerate(zip(context.prompts, context.tokens, expected)):
         step(f"golden check through shards: {prompt.name}", index / len(context.prompts))
         from_shards = shards.logits(tokens)
-        artifact_cosines.append(float(rowwise_cosine(simulated.forward(tokens).logits, from_shards).min()))
-        check = compare(prompt.name, exact.forward(tokens).logits, from_shards)
-        record["prompts"].append(check.summary(thresholds))
+        artifact_cosines.append(float(rowwise_cosine(same_weights, from_shards).min()))
+        record["prompts"].append(compare(prompt.name, source, from_shards).summary(thresholds))
+    del shards
     record["timings"]["golden_s"] = time.perf_counter() - checked_started
 
     step("residency lint", None)
@@ -129,8 +139,7 @@ def convert(
                            f"{lint['totals']['byte_share']:.1%} of weight bytes predicted on the ANE")
     record["timings"]["total_s"] = time.perf_counter() - started
 
-    manifest = read_manifest(out_dir)
-    manifest.validation = {
+    validation = {
         "passed": record["passed"],
         "gate_passed": gate["passed"],
         "forced": record["forced"],
@@ -141,6 +150,6 @@ def convert(
         "ane_weight_share": lint["totals"]["byte_share"],
         "all_on_ane": lint["all_on_ane"],
     }
-    write_manifest(manifest, out_dir)
+    write_manifest(dataclasses.replace(read_manifest(out_dir), validation=validation), out_dir)
     write_report(record, out_dir / "report.html")
     return record

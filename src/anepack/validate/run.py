@@ -169,11 +169,12 @@ def gate_run(
     recipe: Recipe,
     sample: int = 5,
     min_layer_cosine: float = DEFAULT_THRESHOLDS["min_layer_cosine"],
+    weights: RecipeWeights | None = None,
     progress: Progress | None = None,
 ) -> RunRecord:
     """The pre-flight gate: the layer validator on the first, last and evenly spaced layers."""
     layers = sample_layers(context.gguf.config.n_layers, sample)
-    return layers_run(context, recipe, layers, min_layer_cosine, True, "gate", progress=progress)
+    return layers_run(context, recipe, layers, min_layer_cosine, True, "gate", weights, progress)
 
 
 class GateFailed(AnepackError):
