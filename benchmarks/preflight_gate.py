@@ -1,6 +1,6 @@
 """The pre-flight gate's wall time on a model, against validating every layer, in one run.
 
-    python benchmarks/preflight_gate.py [MODEL] [--recipe default]
+    python benchmarks/preflight_gate.py [MODEL] [--recipe int8-per-channel]
 
 Prints the gate's seconds (5 sampled layers, with blame; calibration cached beforehand, as
 after a first run), the seconds of the same check over all layers, and their ratio. The
@@ -21,7 +21,7 @@ from anepack.validate.run import ValidationContext, calibrate, gate_run, layers_
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("model", nargs="?")
-    parser.add_argument("--recipe", default="default")
+    parser.add_argument("--recipe", default="int8-per-channel")
     args = parser.parse_args()
     recipe = load_recipe(args.recipe)
     with open_gguf(resolve_model(args.model)) as gguf:

@@ -57,11 +57,11 @@ def test_bad_recipes_name_file_and_problem(tmp_path):
 
 def test_builtin_recipes_reproduce_the_brief():
     names = builtin_recipe_names()
-    for name in ("int8-per-tensor", "int8-per-channel", "int4-per-block", "lut4-grouped", "default"):
+    for name in ("int8-per-tensor", "int8-per-channel", "int4-per-block", "lut4-grouped"):
         assert name in names
     assert load_recipe("int4-per-block").format_for("blk.3.attn_q.weight").spec == "int4-block32"
-    default = load_recipe("default")
-    assert all(rule.format.ane_safe for rule in default.rules)
+    assert not load_recipe("int4-per-block").rules[0].format.ane_safe
+    assert all(load_recipe(name).rules[0].format.ane_safe for name in ("int8-per-channel", "lut4-grouped"))
 
 
 def test_counted_bits_equal_the_quantized_payload(tmp_path):

@@ -17,7 +17,8 @@ from anepack.source.gguf_file import open_gguf
 
 @click.command()
 @model_argument
-@click.option("--recipe", "recipe_name", default="default", show_default=True, help="Built-in recipe or TOML file.")
+@click.option("--recipe", "recipe_name", default="int8-per-channel", show_default=True,
+              help="Built-in recipe or TOML file (the searched mixed-bit default is not built yet).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output directory.")
 @click.option("--max-shard-mb", default=1024.0, show_default=True, help="Size budget per .mlpackage.")
 @click.option("--chunk", default=64, show_default=True, help="Prefill chunk T (tokens per prefill call).")

@@ -14,7 +14,7 @@ from anepack.cli.output import console, emit, err_console, json_option, model_ar
 from anepack.source.default_model import resolve_model
 from anepack.source.gguf_file import open_gguf
 
-recipe_option = click.option("--recipe", "recipe_name", default="default", show_default=True,
+recipe_option = click.option("--recipe", "recipe_name", default="int8-per-channel", show_default=True,
                              help="Built-in recipe name or a recipe TOML file.")
 prompts_option = click.option("--prompts", "prompts_path", type=click.Path(dir_okay=False),
                               help="Validation prompts, JSONL (default: the built-in golden set).")
@@ -213,7 +213,8 @@ def search_command(model, max_bpw, min_layer_cos, allow_gpu_formats, name, out_p
     counts: dict[str, int] = {}
     for rule in result.recipe.rules:
         counts[rule.format.spec] = counts.get(rule.format.spec, 0) + (len(rule.layers) if rule.layers else 1)
-    document = {"recipe": str(path), "name": name, "bits": result.bits, "tensors_per_format": counts,
+    document = {"recipe": str(path), "name": name, "passed": result.within_budget, "max_bpw": max_bpw,
+                "bits": result.bits, "tensors_per_format": counts,
                 "layer_cosine": result.layer_cosine, "head_cosine": result.head_cosine, "head_top1": result.head_top1}
 
     def render(doc: dict) -> None:
@@ -226,5 +227,10 @@ def search_command(model, max_bpw, min_layer_cos, allow_gpu_formats, name, out_p
         console.print(_bits_line(doc["bits"]))
         console.print(f"calibration: min cumulative layer cosine {min(doc['layer_cosine']):.4f}, "
                       f"logit cosine {doc['head_cosine']:.4f}, top-1 {doc['head_top1']:.3f}")
+        if doc["passed"]:
+            console.print(f"[bold green]PASS[/bold green]: within {doc['max_bpw']} bits per weight")
+        else:
+            console.print(f"[bold red]FAIL[/bold red]: the target needs {doc['bits']['layers_average']:.3f} bits "
+                          f"per weight, over --max-bpw {doc['max_bpw']} (recipe written anyway)")
 
     emit(document, as_json, render)

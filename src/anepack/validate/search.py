@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from anepack.errors import AnepackError
 from anepack.metrics import rowwise_cosine, top1_agreement
 from anepack.quant import quantize
 from anepack.quant.formats import Format, parse_format
@@ -47,6 +46,7 @@ class SearchResult:
     head_cosine: float
     head_top1: float
     log: list[str] = field(default_factory=list)
+    within_budget: bool = True  # the layers' average bits is at most the requested maximum
 
 
 class _Quantized:
@@ -163,13 +163,8 @@ def search_recipe(
 
     recipe = _as_recipe(name, assignment, min_layer_cosine, max_bpw)
     _, bits = recipe_bits(gguf, recipe)
-    if bits["layers_average"] > max_bpw:
-        raise AnepackError(
-            gguf.path,
-            f"no recipe within {max_bpw} bits per weight keeps every layer's cosine >= {min_layer_cosine}: "
-            f"the search needed {bits['layers_average']:.3f} (lower --min-layer-cos or raise --max-bpw)",
-        )
-    return SearchResult(recipe, bits, alone, layer_cosine, head_cos, head_top1, log)
+    return SearchResult(recipe, bits, alone, layer_cosine, head_cos, head_top1, log,
+                        within_budget=bits["layers_average"] <= max_bpw)
 
 
 def _as_recipe(name: str, assignment: dict[str, Format], min_cos: float, max_bpw: float) -> Recipe:
