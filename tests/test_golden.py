@@ -85,3 +85,17 @@ def test_golden_check_on_the_q4_k_m_default_model(tmp_path, default_model_path):
     positions = sum(p["tokens"] for p in doc["prompts"])
     agreeing = sum(p["top1_agreement"] * p["tokens"] for p in doc["prompts"])
     assert agreeing / positions >= 0.93
+
+
+def test_fp16_check_reports_the_residual_overflow(tmp_path, default_model_path):
+    prompts = tmp_path / "one.jsonl"
+    prompts.write_text('{"name": "short", "text": "The capital of France is"}\n')
+    golden_path = tmp_path / "short.npz"
+    assert run_cli("golden", "record", "--prompts", str(prompts), "--out", str(golden_path)).returncode == 0
+    checked = run_cli("golden", "check", str(golden_path), "--fp16", "--json")
+    assert checked.returncode == 0, checked.stderr
+    overflow = json.loads(checked.stdout)["prompts"][0]["fp16_overflow"]
+    # the float32 reference first exceeds 65504 after layer 7 (0-based), at the BOS position
+    assert overflow["layer"] == 7 and overflow["position"] == 0 and abs(overflow["value"]) > 65504
+    table = run_cli("golden", "check", str(golden_path), "--fp16")
+    assert "fp16 overflow in short: layer 7, position 0" in table.stdout

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import click
 from rich.table import Table
 
@@ -89,11 +91,17 @@ def check_command(paths: tuple[str, ...], min_cosine: float, min_top1: float, fp
         if golden_file.prompts and golden_file.prompts[0].logits.shape[-1] != vocab:
             raise AnepackError(paths[-1], f"golden logits have {golden_file.prompts[0].logits.shape[-1]} "
                                           f"entries per position but {model_path} has a {vocab}-token vocabulary")
+        overflows = []
+
+        def logits(tokens):
+            result = model.forward(tokens)
+            overflows.append(None if result.overflow is None else dataclasses.asdict(result.overflow))
+            return result.logits
+
         bar, task = progress_bar("numpy reference", len(golden_file.prompts))
         with bar:
-            checks = golden_lib.check(golden_file, lambda tokens: model.forward(tokens).logits,
-                                      lambda name: bar.update(task, advance=1, item=name))
-    summaries = [c.summary(thresholds) for c in checks]
+            checks = golden_lib.check(golden_file, logits, lambda name: bar.update(task, advance=1, item=name))
+    summaries = [c.summary(thresholds) | {"fp16_overflow": overflow} for c, overflow in zip(checks, overflows)]
     document = {
         "model": str(model_path),
         "golden": paths[-1],
@@ -105,4 +113,13 @@ def check_command(paths: tuple[str, ...], min_cosine: float, min_top1: float, fp
         "prompts": summaries,
         "passed": all(s["passed"] for s in summaries),
     }
-    emit(document, as_json, lambda d: render_checks(d, f"numpy reference vs llama.cpp ({d['model']})"))
+
+    def render(doc: dict) -> None:
+        render_checks(doc, f"numpy reference vs llama.cpp ({doc['model']})")
+        for prompt in doc["prompts"]:
+            overflow = prompt["fp16_overflow"]
+            if overflow is not None:
+                console.print(f"fp16 overflow in {prompt['name']}: layer {overflow['layer']}, position "
+                              f"{overflow['position']}, value {overflow['value']:.0f} at {overflow['where']}")
+
+    emit(document, as_json, render)
