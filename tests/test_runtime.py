@@ -18,7 +18,9 @@ from anepack.errors import AnepackError
 from anepack.golden import load_prompts
 from anepack.metrics import rowwise_cosine
 from anepack.reference import build
-from anepack.runtime import Sampler, ShardRuntime, generate, read_config, tokenizer_path, write_host_files
+from anepack.runtime.host_files import read_config, tokenizer_path, write_host_files
+from anepack.runtime.sampling import Sampler, generate
+from anepack.runtime.shards import ShardRuntime
 from anepack.runtime.host_files import CONFIG_FILE
 from anepack.runtime.sampling import nucleus
 from anepack.source import open_gguf

@@ -57,7 +57,7 @@ def convert(
     from anepack.coreml.lint import lint_shards
     from anepack.coreml.manifest import read_manifest, write_manifest
     from anepack.report.html import write_report
-    from anepack.runtime import write_host_files
+    from anepack.runtime.host_files import write_host_files
     from anepack.runtime.shards import ShardRuntime
 
     step = progress or (lambda message, fraction=None: None)

@@ -30,7 +30,9 @@ def _rate(value: float | None) -> str:
 def generate(shards: str, prompt: str, max_tokens: int, backend: str, temperature: float, top_p: float,
              seed: int | None, no_stop: bool, as_json: bool) -> None:
     """Continue PROMPT with the model built into the shard directory SHARDS."""
-    from anepack.runtime import Sampler, ShardRuntime, generate as generate_text, tokenizer_path
+    from anepack.runtime.host_files import tokenizer_path
+    from anepack.runtime.sampling import Sampler, generate as generate_text
+    from anepack.runtime.shards import ShardRuntime
     from anepack.tokenizer import Tokenizer
 
     sampler = Sampler(temperature, top_p, seed)

@@ -11,7 +11,6 @@ from typing import Protocol
 
 import numpy as np
 
-from anepack.coreml.interpreter import MilProgram
 from anepack.errors import AnepackError
 
 BACKENDS = ("mil", "coreml")
@@ -27,6 +26,8 @@ class MilShard:
     """A shard run op by op by ``anepack.coreml.interpreter`` in numpy: the simulation of Core ML."""
 
     def __init__(self, path: Path):
+        from anepack.coreml.interpreter import MilProgram  # coremltools: loaded only when used
+
         self.program = MilProgram.load(path)
 
     def run(self, function: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

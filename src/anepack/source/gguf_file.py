@@ -31,6 +31,7 @@ MAX_DIMS = 4  # GGML_MAX_DIMS
 HEADER_BYTES = 4 + 4 + 8 + 8
 MIN_KV_BYTES = 8 + 4 + 1  # empty key, type, smallest value
 MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8  # empty name, n_dims, type, offset
+DEQUANT_CHUNK_ELEMENTS = 1 << 22
 
 _SCALAR_FORMATS: dict[GGUFValueType, str] = {
     GGUFValueType.UINT8: "<B",
@@ -379,18 +380,25 @@ class GGUFFile:
     def _dequantize(self, info: TensorInfo, offset: int, shape: tuple[int, ...]) -> np.ndarray:
         block_size, type_size = GGML_QUANT_SIZES[info.ggml_type]
         row_bytes = shape[-1] // block_size * type_size
-        count = int(np.prod(shape[:-1], dtype=np.int64)) * row_bytes
-        data = np.frombuffer(self._map, dtype=np.uint8, count=count, offset=offset)
-        data = data.reshape(*shape[:-1], row_bytes)
+        n_rows = int(np.prod(shape[:-1], dtype=np.int64))
+        data = np.frombuffer(self._map, dtype=np.uint8, count=n_rows * row_bytes, offset=offset)
+        data = data.reshape(n_rows, row_bytes)
+        if info.ggml_type == GGMLQuantizationType.F32:
+            return data.view(np.float32).reshape(shape)  # a read-only view of the map, no copy
+        # gguf-py's dequantizers make several full-size temporaries: going through row chunks
+        # keeps the peak near the float32 result itself.
+        out = np.empty((n_rows, shape[-1]), dtype=np.float32)
+        step = max(1, DEQUANT_CHUNK_ELEMENTS // shape[-1])
         try:
-            values = gguf_quants.dequantize(data, info.ggml_type)
+            for start in range(0, n_rows, step):
+                out[start : start + step] = gguf_quants.dequantize(data[start : start + step], info.ggml_type)
         except NotImplementedError:
             raise UnsupportedModelError(
                 self.path,
                 f"tensor {info.name!r} has type {info.ggml_type.name}, "
                 "which the gguf package cannot dequantize",
             ) from None
-        return np.asarray(values, dtype=np.float32).reshape(shape)
+        return out.reshape(shape)
 
     def close(self) -> None:
         try:
