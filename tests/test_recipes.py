@@ -46,7 +46,7 @@ def test_first_matching_rule_wins_and_layers_restrict():
 def test_bad_recipes_name_file_and_problem(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text('name = "x"\n[[rule]]\ntensors = "*"\nformat = "lut5-g16"\n')
-    with pytest.raises(AnepackError, match=r"bad.toml: rule 1: unknown weight format 'lut5-g16'"):
+    with pytest.raises(AnepackError, match=r"bad.toml: rule 1: LUT indices have .* bits, not 5"):
         load_recipe(path)
     path.write_text('name = "x"\n[[rule]]\ntensors = "*"\nlayers = "4-2"\nformat = "fp16"\n')
     with pytest.raises(AnepackError, match="runs backwards"):
