@@ -9,6 +9,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
+
+from anepack.errors import AnepackError
 from anepack.llamacpp import open_llama
 
 
@@ -47,3 +50,14 @@ class Tokenizer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def checked_tokens(tokens, vocab_size: int) -> np.ndarray:
+    """``tokens`` as a 1-D int64 array, or a one-line error naming the first id outside the vocabulary."""
+    tokens = np.asarray(tokens, dtype=np.int64)
+    if tokens.ndim != 1 or tokens.size == 0:
+        raise AnepackError(None, f"expected a non-empty 1-D token sequence, got shape {tokens.shape}")
+    bad = tokens[(tokens < 0) | (tokens >= vocab_size)]
+    if bad.size:
+        raise AnepackError(None, f"token id {int(bad[0])} is outside the vocabulary (size {vocab_size})")
+    return tokens

@@ -15,8 +15,8 @@ from typing import Protocol
 
 import numpy as np
 
-from anepack.errors import AnepackError
 from anepack.reference.common import Overflow, Precision, gelu_tanh
+from anepack.tokenizer import checked_tokens
 
 WeightSource = Callable[[str], np.ndarray]
 
@@ -87,14 +87,7 @@ class ReferenceModel(ABC):
 
     def check_tokens(self, tokens: np.ndarray) -> np.ndarray:
         """``tokens`` as a 1-D int64 array, or an error naming the first id outside the vocabulary."""
-        tokens = np.asarray(tokens, dtype=np.int64)
-        if tokens.ndim != 1 or tokens.size == 0:
-            raise AnepackError(None, f"expected a non-empty 1-D token sequence, got shape {tokens.shape}")
-        bad = tokens[(tokens < 0) | (tokens >= self.config.vocab_size)]
-        if bad.size:
-            vocab = self.config.vocab_size
-            raise AnepackError(None, f"token id {int(bad[0])} is outside the vocabulary (size {vocab})")
-        return tokens
+        return checked_tokens(tokens, self.config.vocab_size)
 
     def embed(self, tokens: np.ndarray) -> np.ndarray:
         """Token ids ``[T]`` -> input hidden state ``[T, n_embd]``."""

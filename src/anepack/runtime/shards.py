@@ -23,6 +23,7 @@ from anepack.coreml.manifest import ShardEntry, read_manifest
 from anepack.errors import AnepackError
 from anepack.runtime.backends import ShardEngine, open_shard
 from anepack.runtime.host_files import read_config
+from anepack.tokenizer import checked_tokens
 
 
 class ShardRuntime:
@@ -99,13 +100,7 @@ class ShardRuntime:
             raise AnepackError(self.out_dir, f"the head shards do not cover the vocabulary 0..{self.config.vocab_size}")
 
     def _checked(self, tokens) -> np.ndarray:
-        tokens = np.asarray(tokens, dtype=np.int64)
-        if tokens.ndim != 1 or tokens.size == 0:
-            raise AnepackError(None, f"expected a non-empty 1-D token sequence, got shape {tokens.shape}")
-        bad = tokens[(tokens < 0) | (tokens >= self.config.vocab_size)]
-        if bad.size:
-            vocab = self.config.vocab_size
-            raise AnepackError(None, f"token id {int(bad[0])} is outside the vocabulary (size {vocab})")
+        tokens = checked_tokens(tokens, self.config.vocab_size)
         if self.position + tokens.size > self.context:
             raise AnepackError(self.out_dir, f"{self.position + tokens.size} positions exceed the build's context "
                                              f"of {self.context} tokens")
