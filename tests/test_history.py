@@ -160,7 +160,9 @@ def test_cli_runs_and_compare_print_json_with_ids(three_runs, tmp_path, monkeypa
     table = runner.invoke(main, ["compare", "1", "3", "--db", str(store.path)])
     assert table.exit_code == 0 and "per layer" in table.stdout
 
-    missing = runner.invoke(main, ["runs"])  # the env var's file does not exist
+    empty = runner.invoke(main, ["runs", "--json"])  # the env var's file does not exist yet
+    assert empty.exit_code == 0 and json.loads(empty.stdout)["runs"] == []
+    missing = runner.invoke(main, ["compare", "1", "2"])  # but a run that is not there is an error
     assert missing.exit_code == 2
     assert missing.stderr.strip().splitlines() == [
         f"anepack: error: {tmp_path / 'elsewhere.sqlite'}: no run history here (the file does not exist)"]

@@ -50,7 +50,10 @@ def _render_runs(doc: dict) -> None:
 def runs(db_path: str | None, limit: int, as_json: bool) -> None:
     """List recorded runs, newest first, with their ids and headline numbers."""
     store = RunStore(db_path)
-    document = {"db": str(store.path), "total": len(store), "runs": store.list(limit)}
+    if not store.path.exists():  # nothing recorded yet: an empty history, not an error
+        document = {"db": str(store.path), "total": 0, "runs": []}
+    else:
+        document = {"db": str(store.path), "total": len(store), "runs": store.list(limit)}
     emit(document, as_json, _render_runs)
 
 
