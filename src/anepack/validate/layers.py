@@ -77,9 +77,15 @@ class LayerCheck:
         }
 
 
-def exact_states(gguf: GGUFFile, token_lists: Sequence[np.ndarray], last_layer: int) -> list[list[np.ndarray]]:
-    """Per prompt: the exact hidden state entering each layer 0..last_layer+1 (index 0 = embedding)."""
-    model = build(gguf.config, source_weights(gguf))
+def exact_states(
+    gguf: GGUFFile, token_lists: Sequence[np.ndarray], last_layer: int, source=None
+) -> list[list[np.ndarray]]:
+    """Per prompt: the exact hidden state entering each layer 0..last_layer+1 (index 0 = embedding).
+
+    ``source`` defaults to the GGUF's own weights; a recipe's ``RecipeWeights.exact`` shares the
+    float32 copies the recipe already holds instead of making a second set.
+    """
+    model = build(gguf.config, source_weights(gguf) if source is None else source)
     states = []
     for tokens in token_lists:
         hidden = model.embed(tokens)
@@ -119,7 +125,7 @@ def validate_layers(
     layers = sorted(layers)
     step = progress or (lambda _: None)
     step("exact reference")
-    states = exact_states(gguf, token_lists, layers[-1])
+    states = exact_states(gguf, token_lists, layers[-1], weights.exact)
 
     quantized = build(gguf.config, weights)
     cumulative: dict[int, list[np.ndarray]] = {il: [] for il in layers}

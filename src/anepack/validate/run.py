@@ -21,7 +21,6 @@ from anepack.reference import build
 from anepack.source.default_model import cache_dir
 from anepack.source.fingerprint import file_fingerprint
 from anepack.source.gguf_file import GGUFFile
-from anepack.source.weights import source_weights
 from anepack.validate.bits import recipe_bits
 from anepack.validate.calibration import Importance, load_or_collect
 from anepack.validate.layers import sample_layers, validate_layers
@@ -144,12 +143,13 @@ def golden_run(
     started = time.perf_counter()
     record = context.record("golden", recipe, {"min_logit_cosine": min_logit_cosine, "min_top1": min_top1})
     thresholds = GoldenThresholds(min_logit_cosine, min_top1)
-    quantized = build(context.gguf.config, weights or context.weights(recipe))
+    weights = weights or context.weights(recipe)
+    quantized = build(context.gguf.config, weights)
     if golden is not None:
         cases = [(p.name, p.tokens, np.asarray(p.logits, np.float32)) for p in golden.prompts]
         record["notes"].append(f"golden logits from {golden.referee}")
     else:
-        exact = build(context.gguf.config, source_weights(context.gguf))
+        exact = build(context.gguf.config, weights.exact)  # shares the recipe's float32 originals
         cases = []
         for prompt, tokens in zip(context.prompts, context.tokens):
             step(f"exact {prompt.name}")
