@@ -20,6 +20,7 @@ from anepack.quant.packing import QuantizedTensor
 # importance-weighted squared error picks the best (llama.cpp's imatrix quantizers search a
 # similar small grid of scales). Clipping a few outliers often buys finer levels for the rest.
 SHRINK_FACTORS = tuple(np.linspace(1.0, 0.70, 16))
+ROW_CHUNK_ELEMENTS = 1 << 22
 
 _FP16_MAX = float(np.finfo(np.float16).max)
 _FP16_SMALLEST = float(np.finfo(np.float16).smallest_subnormal)
@@ -113,7 +114,26 @@ def _scale_and_offset(
 def quantize_linear(
     weight: np.ndarray, fmt: LinearFormat, importance: np.ndarray | None = None
 ) -> LinearTensor:
-    """Quantize a float32 ``[Cout, Cin]`` matrix; ``importance`` is ``[Cin]`` or None."""
+    """Quantize a float32 ``[Cout, Cin]`` matrix; ``importance`` is ``[Cin]`` or None.
+
+    Per-channel and per-block scales never look across rows, so large matrices go through in
+    row chunks: the scale search's temporaries then stay near one chunk (a 262144-row LM head
+    would otherwise need several float32 copies of itself).
+    """
+    rows, cols = weight.shape
+    step = max(1, ROW_CHUNK_ELEMENTS // cols)
+    if (fmt.per_channel or fmt.block_size) and rows > step:
+        parts = [_quantize_rows(weight[start : start + step], fmt, importance) for start in range(0, rows, step)]
+        return LinearTensor(
+            format=fmt,
+            data=np.concatenate([part.data for part in parts]),
+            scale=np.concatenate([part.scale for part in parts]),
+            offset=None if parts[0].offset is None else np.concatenate([part.offset for part in parts]),
+        )
+    return _quantize_rows(weight, fmt, importance)
+
+
+def _quantize_rows(weight: np.ndarray, fmt: LinearFormat, importance: np.ndarray | None) -> LinearTensor:
     rows, cols = weight.shape
     block_rows, block_cols = _block_shape(fmt, rows, cols)
     grid = (rows // block_rows, block_rows, cols // block_cols, block_cols)
