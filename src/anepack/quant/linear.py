@@ -38,6 +38,22 @@ def blockwise_shift_scale(
     """
     if scale.ndim != data.ndim:
         raise ValueError(f"scale rank {scale.ndim} differs from data rank {data.ndim}")
+    # Leading-axis chunks aligned to the scale's blocks keep the float32 temporaries small.
+    rows_per_block = data.shape[0] // scale.shape[0] if scale.shape[0] > 1 else 1
+    row_size = data.size // max(1, data.shape[0])
+    step = max(rows_per_block, ROW_CHUNK_ELEMENTS // max(1, row_size) // rows_per_block * rows_per_block)
+    if data.shape[0] <= step:
+        return _shift_scale(data, scale, offset)
+    out = np.empty(data.shape, dtype=np.float16)
+    for start in range(0, data.shape[0], step):
+        blocks = slice(start // rows_per_block, (start + step) // rows_per_block) if scale.shape[0] > 1 else slice(None)
+        out[start : start + step] = _shift_scale(
+            data[start : start + step], scale[blocks], None if offset is None else offset[blocks]
+        )
+    return out
+
+
+def _shift_scale(data: np.ndarray, scale: np.ndarray, offset: np.ndarray | None) -> np.ndarray:
     blocked = [n for count, size in zip(scale.shape, data.shape) for n in (count, size // count)]
     broadcast = [n for count in scale.shape for n in (count, 1)]
     values = data.reshape(blocked).astype(np.float32)
