@@ -99,3 +99,26 @@ def test_fp16_check_reports_the_residual_overflow(tmp_path, default_model_path):
     assert overflow["layer"] == 7 and overflow["position"] == 0 and abs(overflow["value"]) > 65504
     table = run_cli("golden", "check", str(golden_path), "--fp16")
     assert "fp16 overflow in short: layer 7, position 0" in table.stdout
+
+
+def test_top1_bar_is_pooled_over_positions_unless_asked_per_prompt():
+    from anepack.golden import Thresholds, compare, verdict
+
+    vocab = 8
+    eye = np.eye(vocab, dtype=np.float32)
+    exact_a = eye[np.arange(10) % vocab]
+    exact_b = eye[np.arange(30) % vocab]
+    # prompt a: 2 of 10 positions prefer the runner-up by a hair (cosine stays near 1)
+    test_a = exact_a.copy()
+    for row in (3, 7):
+        test_a[row, (row + 1) % vocab] = 1.01
+    checks = [compare("a", exact_a, test_a), compare("b", exact_b, exact_b.copy())]
+    assert checks[0].top1_agreement == pytest.approx(0.8)
+    pooled = Thresholds(min_cosine=0.5, min_top1=0.9)
+    summaries = [c.summary(pooled) for c in checks]
+    assert verdict(summaries, pooled) == {"top1_pooled": pytest.approx(38 / 40), "passed": True}
+    per_prompt = Thresholds(min_cosine=0.5, min_top1=0.9, top1_per_prompt=True)
+    summaries = [c.summary(per_prompt) for c in checks]
+    assert not summaries[0]["passed"] and not verdict(summaries, per_prompt)["passed"]
+    strict = Thresholds(min_cosine=0.5, min_top1=0.96)
+    assert not verdict([c.summary(strict) for c in checks], strict)["passed"]

@@ -248,7 +248,7 @@ def test_cli_reports_the_verdict_and_renders_measurements(builds):
 
     runner = CliRunner()
     result = runner.invoke(main, ["lint", str(builds["int4-per-block"]), "--json"])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output
     document = json.loads(result.output)
     assert document["all_on_ane"] is False and document["totals"]["op_share"] < 1.0
     result = runner.invoke(main, ["lint", str(builds["lut4-grouped"])])

@@ -31,3 +31,29 @@ def test_searched_recipe_keeps_its_target_when_validated_independently(tmp_path)
         checks = validate_layers(gguf, RecipeWeights(gguf, recipe), tokens, [0, 1], with_blame=False)
         assert min(float(np.min(check.cumulative)) for check in checks) >= target - 1e-6
         assert result.within_budget
+
+
+def test_final_state_target_holds_for_the_written_recipe(tmp_path):
+    from anepack.metrics import rowwise_cosine
+    from anepack.reference import build
+    from anepack.reference.common import rms_norm
+
+    path = write_synthetic_gguf(tmp_path / "llama.gguf", "llama", layers=2, seed=4)
+    final_target = 0.999
+    with open_gguf(path) as gguf:
+        _, tokens = calibration_tokens(gguf)
+        result = search_recipe(gguf, tokens, None, 0.99, max_bpw=16.0, min_final_cosine=final_target)
+        assert result.final_cosine >= final_target
+        weights = RecipeWeights(gguf, parse_recipe(result.recipe.text))
+        exact, quantized = build(gguf.config, weights.exact), build(gguf.config, weights)
+        norm = gguf.tensor("output_norm.weight")
+        worst = 1.0
+        for prompt in tokens:
+            finals = []
+            for model in (exact, quantized):
+                hidden = model.embed(prompt)
+                for il in range(gguf.config.n_layers):
+                    hidden = model.layer(il, hidden)
+                finals.append(rms_norm(hidden, norm, gguf.config.rms_eps))
+            worst = min(worst, float(rowwise_cosine(*finals).min()))
+        assert worst >= final_target - 1e-6

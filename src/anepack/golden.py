@@ -135,8 +135,17 @@ def record(
 
 @dataclass(frozen=True)
 class Thresholds:
+    """Golden bars. Cosine is checked at every position; top-1 agreement is pooled over every
+    position of every prompt (llama.cpp's "same top p"), or per prompt with ``top1_per_prompt``.
+
+    Pooled is the validators' default because a small model's near-ties make one prompt's
+    agreement a coin toss: on Gemma 3 270M, INT8 per-channel on the LM head alone, at logit
+    cosine >= 0.9998 everywhere, already flips 2 of 24 prose tokens (0.917).
+    """
+
     min_cosine: float = 0.97
     min_top1: float = 0.90
+    top1_per_prompt: bool = False
 
 
 @dataclass
@@ -156,7 +165,8 @@ class PromptCheck:
         return int(below[0]) if below.size else None
 
     def passed(self, thresholds: Thresholds) -> bool:
-        return self.first_failure(thresholds) is None and self.top1_agreement >= thresholds.min_top1
+        top1_ok = not thresholds.top1_per_prompt or self.top1_agreement >= thresholds.min_top1
+        return self.first_failure(thresholds) is None and top1_ok
 
     def summary(self, thresholds: Thresholds) -> dict:
         return {
@@ -167,6 +177,7 @@ class PromptCheck:
             "max_kl": float(self.kl.max()),
             "mean_kl": float(self.kl.mean()),
             "top1_agreement": self.top1_agreement,
+            "top1_matches": int(self.top1.sum()),
             "first_failing_position": self.first_failure(thresholds),
             "passed": self.passed(thresholds),
             "cosine_per_position": self.cosine.tolist(),
@@ -174,16 +185,27 @@ class PromptCheck:
         }
 
 
+def verdict(summaries: list[dict], thresholds: Thresholds) -> dict:
+    """The set's verdict from its prompts' summaries: pooled top-1 agreement and pass/fail."""
+    positions = sum(p["tokens"] for p in summaries)
+    pooled = sum(p["top1_matches"] for p in summaries) / positions if positions else float("nan")
+    top1_ok = thresholds.top1_per_prompt or pooled >= thresholds.min_top1
+    return {"top1_pooled": pooled, "passed": bool(summaries) and all(p["passed"] for p in summaries) and top1_ok}
+
+
 def compare(name: str, golden_logits: np.ndarray, test_logits: np.ndarray) -> PromptCheck:
     golden32 = np.asarray(golden_logits, dtype=np.float32)
     if golden32.shape != test_logits.shape:
         raise AnepackError(None, f"prompt {name!r}: logits shape {test_logits.shape} != golden {golden32.shape}")
+    # Position by position: the float64 temporaries of the metrics over a whole [T, vocab]
+    # block would be several times the size of the logits themselves.
+    rows = [(golden32[i:i + 1], test_logits[i:i + 1]) for i in range(len(golden32))]
     return PromptCheck(
         name,
         len(golden32),
-        rowwise_cosine(golden32, test_logits),
-        kl_divergence(golden32, test_logits),
-        top1_agreement(golden32, test_logits),
+        np.concatenate([rowwise_cosine(g, t) for g, t in rows]),
+        np.concatenate([kl_divergence(g, t) for g, t in rows]),
+        np.concatenate([top1_agreement(g, t) for g, t in rows]),
     )
 
 

@@ -53,6 +53,7 @@ def convert(model, recipe_name, out_dir, max_shard_mb, chunk, context_length, fo
     document = {"run": run_id, "passed": record["passed"], "out": out_dir, "recipe": recipe.name,
                 "seconds": time.perf_counter() - started, "peak_mb": peak_mb, "bits": record["bits"],
                 "artifact": record["artifact"], "prompts": record["prompts"], "notes": record["notes"],
+                "top1_pooled": record["top1_pooled"],
                 "thresholds": {"min_cosine": options.min_logit_cosine, "min_top1": options.min_top1}}
 
     def render(doc: dict) -> None:

@@ -114,7 +114,12 @@ def render_lint(doc: dict) -> None:
 @json_option
 def lint(shards: str, measure: bool, as_json: bool) -> None:
     """Predict which ops and weights of SHARDS (a build directory or one .mlpackage) run on the
-    Neural Engine, with the rule and source behind every predicted fallback."""
+    Neural Engine, with the rule and source behind every predicted fallback.
+
+    Exits 1 when anything is predicted off the Neural Engine, so scripts can gate on it."""
     from anepack.coreml.lint import lint_shards
 
-    emit(lint_shards(shards, measure=measure), as_json, render_lint)
+    document = lint_shards(shards, measure=measure)
+    emit(document, as_json, render_lint)
+    if not document["all_on_ane"]:
+        raise SystemExit(1)

@@ -153,7 +153,8 @@ def gate_command(model, recipe_name, sample_size, threshold, prompts_path, impor
 @click.option("--golden", "golden_path", type=click.Path(dir_okay=False),
               help="Golden file from 'anepack golden record' (default: the exact numpy reference on --prompts).")
 @click.option("--min-cosine", default=0.97, show_default=True, help="Per-position logit cosine bar.")
-@click.option("--min-top1", default=0.90, show_default=True, help="Per-prompt top-1 agreement bar.")
+@click.option("--min-top1", default=0.90, show_default=True,
+              help="Top-1 agreement bar, pooled over every position of every prompt.")
 @prompts_option
 @importance_option
 @db_option
@@ -172,6 +173,7 @@ def golden_command(model, recipe_name, golden_path, min_cosine, min_top1, prompt
             record = golden_run(context, recipe, golden, min_cosine, min_top1, progress=status.update)
     run_id = _store_record(record, db_path)
     document = {"run": run_id, "passed": record["passed"], "model": record["model"],
+                "top1_pooled": record["top1_pooled"],
                 "thresholds": {"min_cosine": min_cosine, "min_top1": min_top1},
                 "prompts": record["prompts"], "bits": record["bits"], "record": record}
 
@@ -192,12 +194,15 @@ def recipe_group() -> None:
 @click.option("--max-bpw", default=5.0, show_default=True, help="Most bits per weight over the layers' matrices.")
 @click.option("--min-layer-cos", default=0.98, show_default=True,
               help="Cumulative hidden-state cosine every layer must keep on the calibration prompts.")
+@click.option("--min-final-cos", type=float, default=None,
+              help="Also keep the final hidden state (the LM head's input) at this cosine.")
 @click.option("--allow-gpu-formats", is_flag=True, help="Also consider formats that fall off the ANE (int4 per-block).")
 @click.option("--name", default="searched", show_default=True, help="Name of the written recipe.")
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Recipe TOML to write.")
 @importance_option
 @json_option
-def search_command(model, max_bpw, min_layer_cos, allow_gpu_formats, name, out_path, importance, as_json):
+def search_command(model, max_bpw, min_layer_cos, min_final_cos, allow_gpu_formats, name, out_path, importance,
+                   as_json):
     """Apple-style mixed-bit search: score tensors alone, add them cumulatively, fewest bits that keep the target."""
     from anepack.validate.run import calibrate, calibration_tokens
     from anepack.validate.search import search_recipe
@@ -207,7 +212,7 @@ def search_command(model, max_bpw, min_layer_cos, allow_gpu_formats, name, out_p
             _, tokens = calibration_tokens(gguf)
             importance_vectors = calibrate(gguf) if importance else None
             result = search_recipe(gguf, tokens, importance_vectors, min_layer_cos, max_bpw, name,
-                                   allow_gpu_formats, progress=status.update)
+                                   allow_gpu_formats, progress=status.update, min_final_cosine=min_final_cos)
     path = Path(out_path)
     atomic_write_bytes(path, result.recipe.text.encode())
     counts: dict[str, int] = {}
@@ -215,7 +220,8 @@ def search_command(model, max_bpw, min_layer_cos, allow_gpu_formats, name, out_p
         counts[rule.format.spec] = counts.get(rule.format.spec, 0) + (len(rule.layers) if rule.layers else 1)
     document = {"recipe": str(path), "name": name, "passed": result.within_budget, "max_bpw": max_bpw,
                 "bits": result.bits, "tensors_per_format": counts,
-                "layer_cosine": result.layer_cosine, "head_cosine": result.head_cosine, "head_top1": result.head_top1}
+                "layer_cosine": result.layer_cosine, "final_cosine": result.final_cosine,
+                "head_cosine": result.head_cosine, "head_top1": result.head_top1}
 
     def render(doc: dict) -> None:
         table = Table(title=f"recipe {doc['name']} -> {doc['recipe']}")
@@ -226,6 +232,7 @@ def search_command(model, max_bpw, min_layer_cos, allow_gpu_formats, name, out_p
         console.print(table)
         console.print(_bits_line(doc["bits"]))
         console.print(f"calibration: min cumulative layer cosine {min(doc['layer_cosine']):.4f}, "
+                      f"final hidden state {doc['final_cosine']:.4f}, "
                       f"logit cosine {doc['head_cosine']:.4f}, top-1 {doc['head_top1']:.3f}")
         if doc["passed"]:
             console.print(f"[bold green]PASS[/bold green]: within {doc['max_bpw']} bits per weight")

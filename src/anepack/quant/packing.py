@@ -140,3 +140,23 @@ class QuantizedTensor(abc.ABC):
 
     def _with_leading_axis(self, arrays: dict[str, np.ndarray]) -> "QuantizedTensor":
         return dataclasses.replace(self, **arrays)
+
+
+def weight_rows(q: QuantizedTensor, start: int, stop: int) -> QuantizedTensor:
+    """Output rows ``start:stop`` of a ``[Cout, Cin]`` weight, still in its stored form.
+
+    Every stored array is laid out along Cout in blocks (one row, a LUT group, a vector, or
+    the whole tensor); a block shared by all rows (per-tensor scale or LUT) is kept whole,
+    the others are sliced, so ``weight_rows(q, a, b).dequantize() == q.dequantize()[a:b]``.
+    """
+    rows = q.shape[0]
+    sliced = {}
+    for field in dataclasses.fields(q):
+        array = getattr(q, field.name)
+        if not isinstance(array, np.ndarray) or array.shape[0] == 1:
+            continue
+        block = rows // array.shape[0]
+        if start % block or stop % block:
+            raise ValueError(f"rows {start}:{stop} cut through blocks of {block} rows of {field.name}")
+        sliced[field.name] = array[start // block: stop // block]
+    return dataclasses.replace(q, **sliced)

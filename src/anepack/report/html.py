@@ -210,9 +210,11 @@ def _verdict(record: RunRecord) -> str:
         if not prompt["passed"]:
             where = prompt.get("first_failing_position")
             at = "" if where is None else f", first below {thresholds['min_logit_cosine']} at position {where}"
-            reasons.append(f"prompt {prompt['name']!r}: min logit cosine {_number(prompt['min_cosine'])}{at}, "
-                           f"top-1 agreement {_number(prompt['top1_agreement'], 3)} "
-                           f"(threshold {thresholds['min_top1']})")
+            reasons.append(f"prompt {prompt['name']!r}: min logit cosine {_number(prompt['min_cosine'])}{at}")
+    pooled = record.get("top1_pooled")
+    if pooled is not None and pooled < thresholds["min_top1"]:
+        reasons.append(f"top-1 agreement over every position {_number(pooled, 3)} "
+                       f"(threshold {thresholds['min_top1']})")
     if record["passed"]:
         css, word = "pass", "PASSED"
         sentence = (f"Every measured layer and prompt met its threshold (layer cosine ≥ {thresholds['min_layer_cosine']}, "
@@ -241,7 +243,8 @@ def _facts(record: RunRecord) -> str:
         ("thresholds", ", ".join(f"{k} {v}" for k, v in record["thresholds"].items())),
         ("worst layer cosine", _number(summary["min_layer_cosine"])),
         ("worst logit cosine", _number(summary["min_logit_cosine"])),
-        ("worst top-1 agreement", _number(summary["min_top1"], 3)),
+        ("top-1 agreement, all positions", _number(record.get("top1_pooled"), 3)),
+        ("worst prompt's top-1 agreement", _number(summary["min_top1"], 3)),
     ]
     return _table("facts", None, rows, text_columns=2)
 

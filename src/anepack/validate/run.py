@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from anepack.errors import AnepackError
-from anepack.golden import Golden, Prompt, Thresholds as GoldenThresholds, compare, load_prompts
+from anepack.golden import Golden, Prompt, Thresholds as GoldenThresholds, compare, load_prompts, verdict
 from anepack.reference import build
 from anepack.source.default_model import cache_dir
 from anepack.source.fingerprint import file_fingerprint
@@ -113,12 +113,13 @@ def layers_run(
     kind: str = "layers",
     weights: RecipeWeights | None = None,
     progress: Progress | None = None,
+    blame_below: float | None = None,
 ) -> RunRecord:
     """The layer validator on ``layers``: isolated and cumulative cosine, blame, verdict."""
     started = time.perf_counter()
     record = context.record(kind, recipe, {"min_layer_cosine": min_layer_cosine})
     weights = weights or context.weights(recipe)
-    checks = validate_layers(context.gguf, weights, context.tokens, layers, with_blame, progress)
+    checks = validate_layers(context.gguf, weights, context.tokens, layers, with_blame, progress, blame_below)
     record["layers"] = [check.result(min_layer_cosine) for check in checks]
     record["passed"] = all(layer["passed"] for layer in record["layers"])
     record["timings"]["layers_s"] = time.perf_counter() - started
@@ -145,21 +146,21 @@ def golden_run(
     thresholds = GoldenThresholds(min_logit_cosine, min_top1)
     weights = weights or context.weights(recipe)
     quantized = build(context.gguf.config, weights)
+    # prompt_logits runs the (streamed) LM head once over every prompt, not once per prompt
     if golden is not None:
-        cases = [(p.name, p.tokens, np.asarray(p.logits, np.float32)) for p in golden.prompts]
+        names = [p.name for p in golden.prompts]
+        token_lists = [p.tokens for p in golden.prompts]
+        expected = [np.asarray(p.logits, np.float32) for p in golden.prompts]
         record["notes"].append(f"golden logits from {golden.referee}")
     else:
-        exact = build(context.gguf.config, weights.exact)  # shares the recipe's float32 originals
-        cases = []
-        for prompt, tokens in zip(context.prompts, context.tokens):
-            step(f"exact {prompt.name}")
-            cases.append((prompt.name, tokens, exact.forward(tokens).logits))
+        names, token_lists = [p.name for p in context.prompts], context.tokens
+        step("exact reference")
+        expected = build(context.gguf.config, weights.exact).prompt_logits(token_lists)
         record["notes"].append("golden logits from the exact numpy reference of the source model")
-    for name, tokens, expected in cases:
-        step(f"quantized {name}")
-        check = compare(name, expected, quantized.forward(tokens).logits)
-        record["prompts"].append(check.summary(thresholds))
-    record["passed"] = all(p["passed"] for p in record["prompts"])
+    step("quantized stack")
+    for name, reference, test in zip(names, expected, quantized.prompt_logits(token_lists)):
+        record["prompts"].append(compare(name, reference, test).summary(thresholds))
+    record.update(verdict(record["prompts"], thresholds))
     record["timings"]["golden_s"] = time.perf_counter() - started
     return record
 
@@ -172,9 +173,10 @@ def gate_run(
     weights: RecipeWeights | None = None,
     progress: Progress | None = None,
 ) -> RunRecord:
-    """The pre-flight gate: the layer validator on the first, last and evenly spaced layers."""
+    """The pre-flight gate: the layer validator on the first, last and evenly spaced layers,
+    with blame on the layers that fail it."""
     layers = sample_layers(context.gguf.config.n_layers, sample)
-    return layers_run(context, recipe, layers, min_layer_cosine, True, "gate", weights, progress)
+    return layers_run(context, recipe, layers, min_layer_cosine, True, "gate", weights, progress, min_layer_cosine)
 
 
 class GateFailed(AnepackError):

@@ -1,12 +1,15 @@
 """Mixed-bit recipe search, after Apple's mixed-bit palettization (ml-stable-diffusion).
 
-1. Score each tensor alone: its layer's output with only that tensor compressed at the
-   cheapest candidate format (isolated, on the calibration prompts).
+1. Score each tensor alone, end to end as Apple does: the model's final hidden state (after the
+   output norm, the LM head's input) with only that tensor compressed at the cheapest candidate
+   format, against the exact one, on the calibration prompts.
 2. Add tensors cumulatively, least damaging first: each gets the fewest bits whose quantized
-   stack (every tensor assigned so far) keeps every layer's cumulative hidden-state cosine at
-   or above the target; a tensor no candidate satisfies stays float16.
+   stack (every tensor assigned so far) keeps every layer's cumulative hidden-state cosine at or
+   above the layer target and, when one is given, the final hidden state's cosine at or above
+   the final target; a tensor no candidate satisfies stays float16. The ladder is bisected
+   (more bits never hurt), so a tensor costs about two trials, not one per rung.
 3. The LM head gets the fewest-bit candidate whose logits, with all layers as assigned, keep
-   the golden bars on the calibration prompts.
+   the golden bars on the calibration prompts (cosine at every position, pooled top-1).
 
 Only ANE-safe formats are candidates unless GPU formats are allowed. The search runs on the
 calibration prompts; the validators then check the result on the held-out golden prompts.
@@ -23,6 +26,7 @@ from anepack.metrics import rowwise_cosine, top1_agreement
 from anepack.quant import quantize
 from anepack.quant.formats import Format, parse_format
 from anepack.reference import build
+from anepack.reference.common import rms_norm
 from anepack.source.gguf_file import GGUFFile
 from anepack.source.weights import LM_HEAD, stored_name
 from anepack.validate.bits import recipe_bits
@@ -43,6 +47,7 @@ class SearchResult:
     bits: dict[str, float]
     alone: dict[str, float]  # tensor -> loss (sum of 1 - cosine) alone at the cheapest candidate
     layer_cosine: list[float]  # cumulative min cosine per layer on the calibration prompts
+    final_cosine: float  # min cosine of the final (normed) hidden state on the calibration prompts
     head_cosine: float
     head_top1: float
     log: list[str] = field(default_factory=list)
@@ -86,6 +91,7 @@ def search_recipe(
     min_logit_cosine: float = 0.97,
     min_top1: float = 0.90,
     progress: Callable[[str], None] | None = None,
+    min_final_cosine: float | None = None,
 ) -> SearchResult:
     step = progress or (lambda _: None)
     config = gguf.config
@@ -93,57 +99,76 @@ def search_recipe(
     ladder.sort(key=lambda fmt: fmt.payload_bytes((64, 1024)))
     cache = _Quantized(gguf, importance)
     layer_tensors = [t for t in quantizable_tensors(gguf) if t != LM_HEAD]
+    output_norm = gguf.tensor("output_norm.weight")
     log: list[str] = []
 
     step("exact reference")
     states = exact_states(gguf, tokens, config.n_layers - 1)
 
-    def run_layer(il: int, source, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        model = build(config, source)
+    def normed(hidden: np.ndarray) -> np.ndarray:
+        return rms_norm(hidden, output_norm, config.rms_eps)
+
+    exact_final = [normed(s[-1]) for s in states]
+
+    def run_layer(model, il: int, inputs: list[np.ndarray]) -> list[np.ndarray]:
         return [model.layer(il, x) for x in inputs]
 
     def cosines(outputs, il: int) -> np.ndarray:
         return np.concatenate([rowwise_cosine(s[il + 1], out) for s, out in zip(states, outputs)])
 
-    # The order needs each tensor's damage at the cheapest candidate only.
+    def final_cosines(last: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate([rowwise_cosine(e, normed(h)) for e, h in zip(exact_final, last)])
+
+    # quantized-stack inputs per layer under the current assignment; index il = input to layer il
+    current = [[s[il] for s in states] for il in range(config.n_layers + 1)]
+
+    def run_from(il_start: int, trial: dict[str, Format], inputs) -> tuple[float, float, list[list[np.ndarray]]]:
+        """(worst layer cosine, worst final cosine, per-layer outputs) from ``il_start`` on."""
+        model = build(config, cache.source(trial))
+        worst, hidden, new_states = 1.0, inputs, []
+        for il in range(il_start, config.n_layers):
+            hidden = run_layer(model, il, hidden)
+            new_states.append(hidden)
+            worst = min(worst, float(cosines(hidden, il).min()))
+        return worst, float(final_cosines(hidden).min()), new_states
+
+    # The order needs each tensor's end-to-end damage at the cheapest candidate only.
     cheapest = ladder[0]
     alone: dict[str, float] = {}
     for count, tensor in enumerate(layer_tensors, start=1):
         il = tensor_layer(tensor)
         step(f"scoring {count}/{len(layer_tensors)} {tensor} at {cheapest.spec}")
-        outputs = run_layer(il, cache.source({tensor: cheapest}), [s[il] for s in states])
-        alone[tensor] = float(np.sum(1.0 - cosines(outputs, il)))
+        model = build(config, cache.source({tensor: cheapest}))
+        hidden = [s[il] for s in states]
+        for layer in range(il, config.n_layers):
+            hidden = run_layer(model, layer, hidden)
+        alone[tensor] = float(np.sum(1.0 - final_cosines(hidden)))
+
+    def keeps_targets(worst_layer: float, worst_final: float) -> bool:
+        return worst_layer >= min_layer_cosine and (min_final_cosine is None or worst_final >= min_final_cosine)
 
     assignment: dict[str, Format] = {}
-    # quantized-stack inputs per layer under the current assignment; index il = input to layer il
-    current = [[s[il] for s in states] for il in range(config.n_layers + 1)]
-
-    def cumulative_from(il_start: int, trial: dict[str, Format]) -> tuple[float, list[list[np.ndarray]]]:
-        source = cache.source(trial)
-        worst, hidden, new_states = 1.0, current[il_start], []
-        for il in range(il_start, config.n_layers):
-            hidden = run_layer(il, source, hidden)
-            new_states.append(hidden)
-            worst = min(worst, float(cosines(hidden, il).min()))
-        return worst, new_states
-
     order = sorted(layer_tensors, key=lambda t: alone[t])
     for count, tensor in enumerate(order, start=1):
         il = tensor_layer(tensor)
-        chosen = FP16
-        for fmt in ladder:
-            step(f"adding {count}/{len(order)} {tensor} {fmt.spec}")
-            worst, new_states = cumulative_from(il, {**assignment, tensor: fmt})
-            if worst >= min_layer_cosine:
-                chosen = fmt
-                current[il + 1:] = new_states
-                break
-        else:
-            _, new_states = cumulative_from(il, {**assignment, tensor: FP16})
-            current[il + 1:] = new_states
+        trials: dict[int, list[list[np.ndarray]]] = {}
+        low, high = 0, len(ladder)  # the answer is in [low, high]; len(ladder) means float16
+        while low < high:
+            middle = (low + high) // 2
+            step(f"adding {count}/{len(order)} {tensor} {ladder[middle].spec}")
+            worst, final, new_states = run_from(il, {**assignment, tensor: ladder[middle]}, current[il])
+            if keeps_targets(worst, final):
+                trials[middle], high = new_states, middle
+            else:
+                low = middle + 1
+        chosen = ladder[low] if low < len(ladder) else FP16
+        if low not in trials:
+            trials[low] = run_from(il, {**assignment, tensor: chosen}, current[il])[2]
+        current[il + 1:] = trials[low]
         assignment[tensor] = chosen
         log.append(f"{tensor}: {chosen.spec}")
     layer_cosine = [float(cosines(current[il + 1], il).min()) for il in range(config.n_layers)]
+    final_cosine = float(final_cosines(current[-1]).min())
 
     exact_model = build(config, cache.source({}))
     expected = [exact_model.final(s[-1]) for s in states]
@@ -154,20 +179,22 @@ def search_recipe(
         model = build(config, cache.source({**assignment, LM_HEAD: fmt}))
         logits = [model.final(h) for h in current[-1]]
         cos = min(float(rowwise_cosine(e, l).min()) for e, l in zip(expected, logits))
-        top1 = min(float(top1_agreement(e, l).mean()) for e, l in zip(expected, logits))
+        top1 = float(np.concatenate([top1_agreement(e, l) for e, l in zip(expected, logits)]).mean())
         if cos >= min_logit_cosine and top1 >= min_top1:
             head_choice, head_cos, head_top1 = fmt, cos, top1
             break
     assignment[LM_HEAD] = head_choice
     log.append(f"{LM_HEAD}: {head_choice.spec}")
 
-    recipe = _as_recipe(name, assignment, min_layer_cosine, max_bpw)
+    recipe = _as_recipe(name, assignment, min_layer_cosine, min_final_cosine, max_bpw)
     _, bits = recipe_bits(gguf, recipe)
-    return SearchResult(recipe, bits, alone, layer_cosine, head_cos, head_top1, log,
+    return SearchResult(recipe, bits, alone, layer_cosine, final_cosine, head_cos, head_top1, log,
                         within_budget=bits["layers_average"] <= max_bpw)
 
 
-def _as_recipe(name: str, assignment: dict[str, Format], min_cos: float, max_bpw: float) -> Recipe:
+def _as_recipe(
+    name: str, assignment: dict[str, Format], min_cos: float, min_final: float | None, max_bpw: float
+) -> Recipe:
     """One exact-name rule per tensor, grouped into per-kind rules where a kind shares a format."""
     by_kind: dict[str, dict[str, list[int]]] = {}
     for tensor, fmt in assignment.items():
@@ -179,7 +206,8 @@ def _as_recipe(name: str, assignment: dict[str, Format], min_cos: float, max_bpw
         for spec, layers in sorted(formats.items()):
             pattern = kind if layers == [-1] else f"blk.*.{kind}"
             rules.append(Rule(pattern, parse_format(spec), None if layers == [-1] else frozenset(layers)))
+    final = "" if min_final is None else f", the final hidden state's >= {min_final}"
     description = (f"mixed-bit recipe from 'anepack recipe search': every layer's cumulative hidden-state "
-                   f"cosine >= {min_cos} on the calibration prompts, at most {max_bpw} bits per weight")
+                   f"cosine >= {min_cos}{final} on the calibration prompts; budget {max_bpw} bits per weight")
     recipe = Recipe(name, description, tuple(rules))
     return Recipe(name, description, tuple(rules), recipe.to_toml())
