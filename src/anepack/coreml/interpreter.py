@@ -712,19 +712,31 @@ class MilProgram:
             values = [self._binding(function, binding, env) for binding in bindings]
         return values if parameter in _VARIADIC_INPUTS else values[0]
 
+    def release_constants(self) -> None:
+        """Forget every decoded weight and unmap the weight files (their pages count as this
+        process's memory once read); the next call reads and decodes again. For packages too
+        large to keep decoded, such as a layer's 128 experts (3 GB as float32)."""
+        self._materialized.clear()
+        self._widened_constants.clear()
+        self._storages.clear()
+
     def _computed(self, function: _Function, binding: Any, env: dict) -> Any:
         """A float32 operand; widened weights are kept, since widening them on every call
-        costs more than the matmuls they feed."""
+        costs more than the matmuls they feed. A kept float32 copy replaces the float16 one:
+        both would hold every weight of the shard twice (``constant`` re-materializes)."""
         if not isinstance(binding, str) or binding in env:
             return _widened(self._binding(function, binding, env))
         operation, position = function.constants[binding]
         key = (operation.constant_key, position)
         widened = self._widened_constants.get(key)
         if widened is None:
-            widened = _widened(self._constant(function, binding))
+            materialized = self._constant(function, binding)
+            widened = _widened(materialized)
             if operation.keep and isinstance(widened, np.ndarray):
                 widened.flags.writeable = False
                 self._widened_constants[key] = widened
+                if widened is not materialized and len(operation.outputs) == 1:
+                    self._materialized.pop(operation.constant_key, None)
         return widened
 
     def _binding(self, function: _Function, binding: Any, env: dict) -> Any:

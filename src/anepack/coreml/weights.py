@@ -16,7 +16,6 @@ Call ``emit_weight`` inside a ``mb.function`` under construction.
 
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
 from coremltools.converters.mil import Builder as mb
@@ -26,9 +25,14 @@ from anepack.quant import DenseTensor, LinearTensor, PalettizedTensor, Quantized
 
 
 def _mil_integers(array: np.ndarray, nbits: int) -> np.ndarray:
-    """Integer codes in the MIL dtype of their width (uint4, int4, uint6, ...), keeping signedness."""
+    """Integer codes in the MIL dtype of their width (uint4, int4, uint6, ...), keeping signedness.
+
+    The MIL dtype is numpy's 8-bit integer tagged with the sub-byte type, so byte-wide codes
+    become a view, not a copy: the prefill and decode functions of a package share one array
+    (an expert package's codes are hundreds of megabytes)."""
     kind = "int" if np.issubdtype(array.dtype, np.signedinteger) else "uint"
-    return array.astype(types.nptype_from_builtin(types.string_to_builtin(f"{kind}{nbits}")))
+    mil_dtype = np.dtype(types.nptype_from_builtin(types.string_to_builtin(f"{kind}{nbits}")))
+    return array.astype(np.dtype(mil_dtype.str), copy=False).view(mil_dtype)
 
 
 def _stored(value: np.ndarray, name: str) -> Var:
@@ -39,7 +43,7 @@ def _stored(value: np.ndarray, name: str) -> Var:
 
 
 def _emit_dense(q: DenseTensor, name: str) -> Var:
-    return _stored(q.values.astype(np.float16), name)
+    return _stored(q.values.astype(np.float16, copy=False), name)
 
 
 def _emit_linear(q: LinearTensor, name: str) -> Var:
@@ -81,24 +85,3 @@ EMITTERS = {
 def emit_weight(q: QuantizedTensor, name: str) -> Var:
     """The float16 weight ``q.dequantize()`` as MIL ops; the last op's output is named ``name``."""
     return EMITTERS[type(q)](q, name)
-
-
-def weight_rows(q: QuantizedTensor, start: int, stop: int) -> QuantizedTensor:
-    """Output rows ``start:stop`` of a ``[Cout, Cin]`` weight, still in its stored form.
-
-    Every stored array is laid out along Cout in blocks (one row, a LUT group, a vector, or
-    the whole tensor); a block shared by all rows (per-tensor scale or LUT) is kept whole,
-    the others are sliced, so ``weight_rows(q, a, b).dequantize() == q.dequantize()[a:b]``.
-    """
-    rows = q.shape[0]
-    sliced = {}
-    for field in dataclasses.fields(q):
-        array = getattr(q, field.name)
-        if not isinstance(array, np.ndarray) or array.shape[0] == 1:
-            continue
-        block = rows // array.shape[0]
-        if start % block or stop % block:
-            raise ValueError(f"rows {start}:{stop} cut through blocks of {block} rows of {field.name}")
-        sliced[field.name] = array[start // block: stop // block]
-    return dataclasses.replace(q, **sliced)
-

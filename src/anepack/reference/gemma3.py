@@ -14,7 +14,7 @@ import numpy as np
 from anepack.reference.common import Precision, attention, attention_mask, rms_norm, rope
 from anepack.reference.model import ReferenceModel
 from anepack.source.config import Gemma3Config
-from anepack.source.weights import LM_HEAD
+from anepack.source.weights import EMBEDDING, LM_HEAD
 
 
 class Gemma3(ReferenceModel):
@@ -23,7 +23,7 @@ class Gemma3(ReferenceModel):
     config: Gemma3Config
 
     def embed_tokens(self, tokens: np.ndarray) -> np.ndarray:
-        rows = self.weight("token_embd.weight")[tokens]
+        rows = self.gather(EMBEDDING, tokens)
         return self.round(rows * np.float32(self.config.embed_scale), None, "embed")
 
     def block(self, il: int, hidden: np.ndarray, positions: np.ndarray) -> np.ndarray:

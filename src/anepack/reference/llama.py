@@ -15,7 +15,7 @@ import numpy as np
 from anepack.reference.common import attention, attention_mask, rms_norm, rope, silu
 from anepack.reference.model import ReferenceModel
 from anepack.source.config import LlamaConfig
-from anepack.source.weights import LM_HEAD
+from anepack.source.weights import EMBEDDING, LM_HEAD
 
 
 class Llama(ReferenceModel):
@@ -24,7 +24,7 @@ class Llama(ReferenceModel):
     config: LlamaConfig
 
     def embed_tokens(self, tokens: np.ndarray) -> np.ndarray:
-        return self.round(self.weight("token_embd.weight")[tokens], None, "embed")
+        return self.round(self.gather(EMBEDDING, tokens), None, "embed")
 
     def block(self, il: int, hidden: np.ndarray, positions: np.ndarray) -> np.ndarray:
         cfg, r, w = self.config, self.round, self.layer_weight

@@ -4,6 +4,11 @@ An architecture subclasses ``ReferenceModel`` and writes ``embed_tokens``, ``blo
 ``head``; the base class wraps them as ``embed``, ``layer`` and ``final``, and ``forward``
 chains those. ``layer`` works alone from a given hidden state, because the validators run
 single layers with substituted (quantized) weights.
+
+The embedding table and the LM head (``STREAMED_WEIGHTS``, vocab x n_embd: the largest
+tensors by far) are read by rows when the weight source offers ``rows(name, start, stop)``:
+the lookup gathers the prompt's rows and the head multiplies chunk by chunk, so no float32
+copy of the whole table is held. Other sources are read whole and cached, as every weight is.
 """
 
 from __future__ import annotations
@@ -16,9 +21,17 @@ from typing import Protocol
 import numpy as np
 
 from anepack.reference.common import Overflow, Precision, gelu_tanh
+from anepack.source.weights import EMBEDDING, LM_HEAD
 from anepack.tokenizer import checked_tokens
 
 WeightSource = Callable[[str], np.ndarray]
+
+# The vocab x n_embd tables, read by rows from a source that serves them.
+STREAMED_WEIGHTS = frozenset({EMBEDDING, LM_HEAD})
+# LM-head rows per matmul: a power of two, so it falls on the BLAS kernel's column tiles and
+# on every format's blocks of rows (LUT groups, vectors); a float32 chunk of a 640-wide head
+# is 42 MB.
+HEAD_CHUNK_ROWS = 16384
 
 
 class Arithmetic(Protocol):
@@ -66,6 +79,21 @@ class ReferenceModel(ABC):
             cached = self._cache[name] = self.precision.weight(loaded)
         return cached
 
+    def streams(self, name: str) -> bool:
+        """True when ``name`` is read by rows from the source, never whole."""
+        return name in STREAMED_WEIGHTS and name not in self._cache and hasattr(self._source, "rows")
+
+    def _source_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        return self.precision.weight(np.asarray(self._source.rows(name, start, stop), dtype=np.float32))
+
+    def gather(self, name: str, indices: np.ndarray) -> np.ndarray:
+        """Rows ``indices`` of weight ``name`` (an embedding lookup), streamed when possible."""
+        if not self.streams(name):
+            return self.weight(name)[indices]
+        unique, inverse = np.unique(indices, return_inverse=True)
+        rows = np.concatenate([self._source_rows(name, int(row), int(row) + 1) for row in unique])
+        return rows[inverse.reshape(-1)]
+
     def layer_weight(self, il: int, name: str) -> np.ndarray:
         """Weight ``blk.<il>.<name>.weight``."""
         return self.weight(f"blk.{il}.{name}.weight")
@@ -76,6 +104,16 @@ class ReferenceModel(ABC):
             self.observer(name, x)
         if self.emulate is not None:
             return self.emulate.linear(x, self.weight(name), name)
+        if self.streams(name):
+            # Each output column is its own dot product over the same inputs: the chunks join
+            # into the whole product, bit for bit while chunk boundaries fall on the BLAS
+            # kernel's column tiles, as 16384 does (tests/test_streamed_weights.py).
+            vocab = self.config.vocab_size
+            out = np.empty((*x.shape[:-1], vocab), dtype=np.float32)
+            for start in range(0, vocab, HEAD_CHUNK_ROWS):
+                stop = min(start + HEAD_CHUNK_ROWS, vocab)
+                out[..., start:stop] = x @ self._source_rows(name, start, stop).T
+            return out
         return x @ self.weight(name).T
 
     def gelu_tanh(self, x: np.ndarray) -> np.ndarray:
@@ -129,11 +167,25 @@ class ReferenceModel(ABC):
     def forward(self, tokens: np.ndarray) -> ForwardResult:
         """Prefill over ``tokens`` from position 0: logits, every layer's output, first overflow."""
         self.precision.overflow = None
+        hidden_states = self._through_layers(tokens)
+        logits = self.final(hidden_states[-1])
+        return ForwardResult(logits, hidden_states[1:], self.precision.overflow)
+
+    def prompt_logits(self, token_lists: list[np.ndarray]) -> list[np.ndarray]:
+        """Each prompt's logits ``[T, vocab]`` (each from position 0), the same as ``forward``'s:
+        the LM head runs once over every prompt's last hidden state, so a streamed head is
+        read once for all prompts instead of once per prompt."""
+        self.precision.overflow = None
+        last = [self._through_layers(tokens)[-1] for tokens in token_lists]
+        logits = self.final(np.concatenate(last))
+        return np.split(logits, np.cumsum([len(hidden) for hidden in last])[:-1])
+
+    def _through_layers(self, tokens: np.ndarray) -> list[np.ndarray]:
+        """The embedded prompt, then the hidden state after every layer."""
         hidden = self.embed(tokens)
         positions = np.arange(hidden.shape[0])
-        hidden_states = []
+        hidden_states = [hidden]
         for il in range(self.config.n_layers):
             hidden = self.layer(il, hidden, positions)
             hidden_states.append(hidden)
-        logits = self.final(hidden)
-        return ForwardResult(logits, hidden_states, self.precision.overflow)
+        return hidden_states

@@ -6,18 +6,32 @@ tensor: that one is applied to the bank as a single tensor, the conversion that 
 brief (one outlier-driven scale over a 31M-weight bank). The MoE router (``ffn_gate_inp.weight``)
 is never quantized: it chooses the experts, and a coarsely rounded router sends tokens to other
 experts, so it stays float16 whatever the recipe's patterns match.
+
+Given an ``ExpertStore``, banks quantized expert by expert are written to it as they are made
+and read back one expert at a time, instead of cached in memory: a model's quantized experts
+are made once for the gate, the build and the checks, and memory holds one expert.
+
+The embedding table and the LM head (vocab x n_embd) are never held whole as float32: the
+reference reads them by rows (``rows``), the exact ones from the memory-mapped GGUF and the
+quantized head dequantized chunk by chunk from its stored form.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
-from anepack.quant import Format, LinearFormat, LutFormat, QuantizedTensor, VectorLutFormat, quantize
+from anepack.quant import (
+    Format, LinearFormat, LutFormat, PalettizedTensor, QuantizedTensor, VectorLutFormat, quantize,
+)
+from anepack.quant.packing import weight_rows
+from anepack.reference.model import STREAMED_WEIGHTS
 from anepack.source.gguf_file import GGUFFile
-from anepack.source.weights import LM_HEAD, WeightSource, stored_name
+from anepack.source.weights import LM_HEAD, SourceWeights, WeightSource, stored_name
 from anepack.validate.calibration import Importance
+from anepack.validate.expert_store import ExpertStore
 from anepack.validate.recipes import Recipe
 
 ROUTER_SUFFIX = ".ffn_gate_inp.weight"
@@ -55,6 +69,56 @@ def expert_of(bank: QuantizedTensor, index: int) -> QuantizedTensor:
     return dataclasses.replace(bank, **arrays)
 
 
+def dequantized_rows(q: QuantizedTensor, start: int, stop: int) -> np.ndarray:
+    """Rows ``start:stop`` of ``q.dequantize()`` as float32, dequantizing only the blocks of
+    rows (LUT groups, vectors) that hold them."""
+    rows = q.shape[0]
+    blocks = [rows // array.shape[0] for field in dataclasses.fields(q)
+              if isinstance(array := getattr(q, field.name), np.ndarray) and array.shape[0] > 1]
+    block = math.lcm(1, *blocks)
+    first, last = start - start % block, min(rows, -(-stop // block) * block)
+    return weight_rows(q, first, last).dequantize()[start - first: stop - first].astype(np.float32)
+
+
+def dequantized_expert(stored: QuantizedTensor) -> np.ndarray:
+    """A one-expert bank ``[1, Cout, Cin]`` as float32 ``[Cout, Cin]``, equal to
+    ``stored.dequantize()[0]``. A scalar LUT grouped along Cout (lut4-g16, the experts' usual
+    format) is looked up group by group straight into float32: the validators dequantize every
+    routed expert on every pass, and the general ``lut_to_dense`` costs twice as much."""
+    if not (isinstance(stored, PalettizedTensor) and stored.lut_scale is None and stored.channel_scale is None
+            and stored.vector_axis is None and stored.lut.shape[2] == 1):
+        return stored.dequantize()[0].astype(np.float32)
+    indices = stored.indices[0]
+    tables = stored.lut[0].reshape(stored.lut.shape[1], -1).astype(np.float32)  # [groups, 2^nbits]
+    rows = len(indices) // len(tables)
+    out = np.empty(indices.shape, np.float32)
+    for group, table in enumerate(tables):
+        np.take(table, indices[group * rows:(group + 1) * rows], out=out[group * rows:(group + 1) * rows])
+    return out
+
+
+class ExactWeights(SourceWeights):
+    """The source model's float32 weights, each dequantized once and kept, except the
+    vocab-sized tables: those are served by ``rows`` from the memory-mapped GGUF and, asked
+    for whole, dequantized afresh and not kept."""
+
+    def __init__(self, gguf: GGUFFile):
+        super().__init__(gguf)
+        self._cache: dict[str, np.ndarray] = {}
+
+    def __call__(self, name: str) -> np.ndarray:
+        stored = stored_name(self.gguf, name)  # a tied head and the embedding share one copy
+        if stored in STREAMED_WEIGHTS:
+            return self.gguf.tensor(stored)
+        cached = self._cache.get(stored)
+        if cached is None:
+            cached = self._cache[stored] = self.gguf.tensor(stored)
+        return cached
+
+    def rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        return self.gguf.rows(stored_name(self.gguf, name), start, stop)
+
+
 class RecipeWeights:
     """The model's weights with the recipe's formats applied, each quantized once and cached.
 
@@ -64,19 +128,22 @@ class RecipeWeights:
     quantizes every expert alone even in a per-tensor format (the counterfactual that shows
     granularity, not bit width, breaks a bank). ``restricted`` gives a source that quantizes
     only some tensors (the rest exact): the layer validator blames one tensor at a time with it.
+    With an ``expert_store``, banks quantized expert by expert live there instead of in memory.
     """
 
     def __init__(
-        self, gguf: GGUFFile, recipe: Recipe, importance: Importance | None = None, whole_banks: bool = True
+        self, gguf: GGUFFile, recipe: Recipe, importance: Importance | None = None, whole_banks: bool = True,
+        expert_store: ExpertStore | None = None,
     ):
         self.gguf = gguf
         self.recipe = recipe
         self.importance = importance
         self.whole_banks = whole_banks
+        self.expert_store = expert_store
         self.quantizable = set(quantizable_tensors(gguf))
+        self.exact = ExactWeights(gguf)  # shared by the exact references of every validator
         self._quantized: dict[str, QuantizedTensor] = {}
         self._dense: dict[str, np.ndarray] = {}
-        self._exact: dict[str, np.ndarray] = {}
 
     def is_bank(self, name: str) -> bool:
         return name in self.gguf.tensors and len(self.gguf.info(name).shape) == 3
@@ -86,6 +153,8 @@ class RecipeWeights:
         and the host embedding."""
         if name not in self.quantizable:
             return None
+        if self._stored(name):
+            return self.expert_store.bank(name)  # whole, not kept: a stored bank is read by experts
         cached = self._quantized.get(name)
         if cached is None:
             fmt = self.recipe.format_for(name)
@@ -101,35 +170,75 @@ class RecipeWeights:
         if self.whole_banks and one_scale_per_tensor(fmt):
             pooled = None if self.importance is None else self.importance.pooled(name)
             return quantize(self.gguf.tensor(name), fmt, pooled, whole_bank=True)
-        rows = None if self.importance is None else self.importance.get(name)
-        unreached = set() if self.importance is None else set(self.importance.unreached(name))
         # One float32 expert at a time: a real bank is gigabytes as float32.
         return QuantizedTensor.stack([
-            quantize(self.gguf.expert(name, e), fmt, None if rows is None or e in unreached else rows[e])
-            for e in range(self.gguf.info(name).shape[0])
+            self._quantize_expert(name, fmt, e) for e in range(self.gguf.info(name).shape[0])
         ])
 
-    def exact(self, name: str) -> np.ndarray:
-        stored = stored_name(self.gguf, name)  # a tied head and the embedding share one copy
-        cached = self._exact.get(stored)
-        if cached is None:
-            cached = self._exact[stored] = self.gguf.tensor(stored)
-        return cached
+    def _quantize_expert(self, name: str, fmt: Format, index: int) -> QuantizedTensor:
+        """Expert ``index`` of bank ``name`` quantized alone, with its own importance row."""
+        importance = self.importance
+        reached = importance is not None and index not in importance.unreached(name)
+        rows = importance.get(name) if reached else None
+        return quantize(self.gguf.expert(name, index), fmt, None if rows is None else rows[index])
+
+    def _stored(self, name: str) -> bool:
+        """True when bank ``name`` lives in the expert store; quantizes it into the store on first use."""
+        if self.expert_store is None or not self.is_bank(name) or name not in self.quantizable:
+            return False
+        fmt = self.recipe.format_for(name)
+        if self.whole_banks and one_scale_per_tensor(fmt):
+            return False  # one scale over the bank: quantized whole, in memory
+        if name not in self.expert_store:
+            experts = self.gguf.info(name).shape[0]
+            self.expert_store.write(name, (self._quantize_expert(name, fmt, e) for e in range(experts)))
+        return True
+
+    def quantized_expert(self, name: str, index: int) -> QuantizedTensor:
+        """Expert ``index`` of bank ``name`` in its stored form, a ``[1, Cout, Cin]`` bank.
+
+        From the expert store, or cut from the quantized bank when it is cached, so an expert
+        is quantized once for the gate, the build and the checks; otherwise quantized alone
+        and not kept, so a build that streams a bank holds one expert at a time. A per-tensor
+        format over the whole bank always comes from the bank (one scale for all).
+        """
+        if self._stored(name):
+            return self.expert_store.expert(name, index)
+        fmt = self.recipe.format_for(name)
+        if name in self._quantized or (self.whole_banks and one_scale_per_tensor(fmt)):
+            return expert_of(self.compressed(name), index)
+        return QuantizedTensor.stack([self._quantize_expert(name, fmt, index)])
 
     def __call__(self, name: str) -> np.ndarray:
         dense = self._dense.get(name)
         if dense is None:
             compressed = self.compressed(name)
             dense = self.exact(name) if compressed is None else compressed.dequantize().astype(np.float32)
-            self._dense[name] = dense
+            if name not in STREAMED_WEIGHTS:
+                self._dense[name] = dense
         return dense
+
+    def rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of ``weights(name)``, dequantizing only those rows."""
+        compressed = self.compressed(name)
+        if compressed is None:
+            return self.exact.rows(name, start, stop)
+        return dequantized_rows(compressed, start, stop)
 
     def expert(self, name: str, index: int) -> np.ndarray:
         """Expert ``index`` of bank ``name`` as the recipe stores it, float32 ``[Cout, Cin]``."""
+        if self._stored(name):
+            return dequantized_expert(self.expert_store.expert(name, index))
         compressed = self.compressed(name)
         if compressed is None:
             return self.gguf.expert(name, index)
-        return expert_of(compressed, index).dequantize()[0].astype(np.float32)
+        return dequantized_expert(expert_of(compressed, index))
+
+    def bits_per_weight(self, name: str) -> float:
+        """Stored bits per weight of ``name`` (a stored bank's from one expert: all are stored alike)."""
+        if self._stored(name):
+            return self.expert_store.expert(name, 0).bits_per_weight
+        return self.compressed(name).bits_per_weight
 
     def restricted(self, names: set[str]) -> WeightSource:
         """A source that quantizes only ``names`` and keeps every other weight exact."""
@@ -145,6 +254,9 @@ class PartlyQuantized:
 
     def __call__(self, name: str) -> np.ndarray:
         return self.weights(name) if name in self.names else self.weights.exact(name)
+
+    def rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        return self.weights.rows(name, start, stop) if name in self.names else self.weights.exact.rows(name, start, stop)
 
     def expert(self, name: str, index: int) -> np.ndarray:
         if name in self.names:
