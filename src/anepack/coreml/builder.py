@@ -18,10 +18,11 @@ of squares), so no graph tensor ever holds a square of the residual stream.
 
 from __future__ import annotations
 
+import filecmp
 import hashlib
-import io
 import json
 import math
+import os
 import re
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -34,7 +35,7 @@ from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.mil import Function, Var, types
 
 import anepack
-from anepack.atomic import atomic_write_bytes
+from anepack.atomic import temporary_path
 from anepack.coreml.manifest import (
     MANIFEST_FORMAT,
     MANIFEST_NAME,
@@ -53,14 +54,16 @@ from anepack.coreml.package import (
     save_package,
     size_bytes,
 )
-from anepack.coreml.weights import emit_weight, weight_rows
+from anepack.coreml import moe
+from anepack.coreml.weights import emit_weight
+from anepack.quant.packing import weight_rows
 from anepack.errors import AnepackError, UnsupportedModelError
-from anepack.quant import Format, LutFormat, VectorLutFormat
-from anepack.source.config import Gemma3Config, LlamaConfig, ModelConfig
+from anepack.quant import Format, LutFormat, QuantizedTensor, VectorLutFormat, parse_format, quantize
+from anepack.source.config import Gemma3Config, Gemma4Config, LlamaConfig, ModelConfig
 from anepack.source.fingerprint import file_fingerprint
 from anepack.source.gguf_file import GGUFFile
 from anepack.source.weights import EMBEDDING, LM_HEAD, stored_name
-from anepack.validate.weights import RecipeWeights
+from anepack.validate.weights import RecipeWeights, one_scale_per_tensor
 
 # Every MIL op type a shard contains; the interpreter and the lint rely on this list.
 EMITTED_OPS = frozenset({
@@ -74,6 +77,7 @@ EMITTED_OPS = frozenset({
     "layer_norm",
     "softmax",
     "gelu",
+    "tanh",
     "silu",
     "reshape",
     "transpose",
@@ -88,11 +92,13 @@ MAX_VOCAB_CHUNK = 16384  # ANE limit for every dimension but N and C
 DEFAULT_ALPHA_MARGIN = 4.0
 FUNCTIONS = ("prefill", "decode")
 EMBEDDINGS_FILE = "embeddings.npy"
+FLOAT16 = parse_format("fp16")
 # Part of every build key: bump when a graph changes, so resumed builds do not reuse old shards.
 GRAPH_VERSION = 1
 BUILD_KEY_METADATA = "anepack.build_key"
-_SHARD_FILE = re.compile(r"(layers_\d+_\d+|head_\d+)\.mlpackage")
+_SHARD_FILE = re.compile(r"(layers_\d+_\d+|experts_\d+_\d+_\d+|head_\d+)\.mlpackage")
 _BUDGET_BLOB_OVERHEAD = 128  # weight.bin: 64-byte blob metadata + up to 64 bytes of alignment
+_ROW_BLOCK = 16384  # rows of the embedding table read and scaled at a time
 
 
 def choose_alpha(max_abs_residual: float, margin: float = DEFAULT_ALPHA_MARGIN) -> float:
@@ -114,36 +120,57 @@ def choose_alpha(max_abs_residual: float, margin: float = DEFAULT_ALPHA_MARGIN) 
 
 @dataclass(frozen=True)
 class AttentionVariant:
-    """A kind of attention layer: its RoPE table and its mask (``window`` None: full causal)."""
+    """A kind of attention layer: its RoPE table and its mask (``window`` None: full causal).
+
+    ``proportional``: every pair's angle is divided by the model's ``rope_freqs`` factor
+    (Gemma 4's global layers), which the host must be given.
+    """
 
     name: str
     rope_base: float
     freq_scale: float
     window: int | None
+    head_dim: int
+    n_rot: int
+    proportional: bool = False
 
 
 def _gemma3_variants(config: Gemma3Config) -> tuple[AttentionVariant, ...]:
-    local = AttentionVariant("local", config.rope_base_local, 1.0, config.sliding_window)
-    full = AttentionVariant("global", config.rope_base, config.rope_freq_scale, None)
+    hd = config.head_dim
+    local = AttentionVariant("local", config.rope_base_local, 1.0, config.sliding_window, hd, hd)
+    full = AttentionVariant("global", config.rope_base, config.rope_freq_scale, None, hd, hd)
     return tuple(local if config.is_sliding(il) else full for il in range(config.n_layers))
 
 
 def _llama_variants(config: LlamaConfig) -> tuple[AttentionVariant, ...]:
-    return (AttentionVariant("global", config.rope_base, config.rope_freq_scale, None),) * config.n_layers
+    full = AttentionVariant("global", config.rope_base, config.rope_freq_scale, None, config.head_dim, config.rope_dim)
+    return (full,) * config.n_layers
+
+
+def _gemma4_variants(config: Gemma4Config) -> tuple[AttentionVariant, ...]:
+    local = AttentionVariant(
+        "local", config.rope_base_local, 1.0, config.sliding_window, config.head_dim_local, config.n_rot_local
+    )
+    full = AttentionVariant(
+        "global", config.rope_base, config.rope_freq_scale, None, config.head_dim_global, config.n_rot_global, True
+    )
+    return tuple(local if config.is_sliding(il) else full for il in range(config.n_layers))
 
 
 def _distinct(variants: tuple[AttentionVariant, ...]) -> list[AttentionVariant]:
     return list(dict.fromkeys(variants))
 
 
-def _rope_table(config: ModelConfig, variant: AttentionVariant, positions: np.ndarray, neox: bool, n_rot: int):
+def _rope_table(variant: AttentionVariant, positions: np.ndarray, neox: bool, freq_factors: np.ndarray | None):
     """``cos``, ``sin`` ``[T, head_dim]`` such that ``rope(x) = x * cos + swap(x) * sin``.
 
     ``swap`` exchanges the halves (NEOX) or the members of each adjacent pair (NORM); the
     sine carries the sign (``-sin`` on the first member). Angles as the reference computes them.
     """
-    head_dim = config.head_dim
+    head_dim, n_rot = variant.head_dim, variant.n_rot
     inv_freq = variant.rope_base ** (-np.arange(0, n_rot, 2, dtype=np.float64) / n_rot)
+    if variant.proportional:
+        inv_freq = inv_freq / np.asarray(freq_factors, dtype=np.float64)
     angles = (positions.astype(np.float64) * variant.freq_scale)[:, None] * inv_freq[None, :]
     cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
     if neox:
@@ -167,12 +194,15 @@ def _mask(variant: AttentionVariant, start: int, tokens: int, context: int) -> n
     return np.where(visible, 0.0, MASK_HIDDEN).astype(np.float16)
 
 
-def host_inputs(config: ModelConfig, start: int, tokens: int, context: int) -> dict[str, np.ndarray]:
+def host_inputs(
+    config: ModelConfig, start: int, tokens: int, context: int, rope_freqs: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
     """RoPE tables and masks for a call over positions ``start .. start + tokens - 1``, float16.
 
     Keys ``cos_<v>``, ``sin_<v>``, ``mask_<v>`` for each attention variant v of the model; a
     shard function takes those of its layers (see the manifest). The cache holds positions
-    ``0 .. start - 1`` in slots of the same number; the call's keys follow.
+    ``0 .. start - 1`` in slots of the same number; the call's keys follow. ``rope_freqs`` (the
+    manifest's copy of the model's tensor) is required by Gemma 4's global layers.
     """
     if start < 0 or tokens < 1 or start + tokens > context:
         raise AnepackError(None, f"positions {start}..{start + tokens - 1} do not fit a context of {context}")
@@ -180,7 +210,9 @@ def host_inputs(config: ModelConfig, start: int, tokens: int, context: int) -> d
     positions = start + np.arange(tokens)
     inputs = {}
     for variant in _distinct(arch.variants(config)):
-        cos, sin = _rope_table(config, variant, positions, arch.neox, arch.rope_dims(config))
+        if variant.proportional and rope_freqs is None:
+            raise AnepackError(None, f"the {variant.name} attention layers need the model's rope_freqs factors")
+        cos, sin = _rope_table(variant, positions, arch.neox, rope_freqs)
         inputs[f"cos_{variant.name}"] = cos.astype(np.float16)
         inputs[f"sin_{variant.name}"] = sin.astype(np.float16)
         inputs[f"mask_{variant.name}"] = _mask(variant, start, tokens, context)
@@ -211,6 +243,27 @@ def _fp16(value: float) -> np.float16:
     return np.float16(value)
 
 
+def stored_matrix(weights: RecipeWeights, tensor: str, rows: tuple[int, int] | None = None) -> QuantizedTensor:
+    """A matrix (or its output rows ``start:stop``) as a shard stores it, equal to
+    ``weights.compressed(tensor)`` (float16 for what a recipe never compresses: the router).
+
+    Quantized from the GGUF on each call and not cached, so a build holds the weights of one
+    package at a time; only a format with one scale or LUT per tensor is quantized whole (once,
+    by ``weights``) and then cut.
+    """
+    fmt = tensor_format(weights, tensor)
+    if one_scale_per_tensor(fmt):
+        q = weights.compressed(tensor)
+        return q if rows is None else weight_rows(q, *rows)
+    source = stored_name(weights.gguf, tensor)
+    values = weights.gguf.tensor(source) if rows is None else weights.gguf.rows(source, *rows)
+    return quantize(values, fmt, None if weights.importance is None else weights.importance.get(tensor))
+
+
+def tensor_format(weights: RecipeWeights, tensor: str) -> Format:
+    return weights.recipe.format_for(tensor) if tensor in weights.quantizable else FLOAT16
+
+
 class Graph:
     """One MIL function under construction: weights, norms, RoPE and attention, all named."""
 
@@ -229,8 +282,7 @@ class Graph:
         self.new_cache: dict[int, tuple[Var, Var]] = {}  # layer -> (k_new, v_new) outputs
 
     def weight(self, tensor: str, name: str, rows: tuple[int, int] | None) -> Var:
-        q = self.weights.compressed(tensor)
-        return emit_weight(q if rows is None else weight_rows(q, *rows), name)
+        return emit_weight(stored_matrix(self.weights, tensor, rows), name)
 
     def gain(self, tensor: str, scale: float = 1.0) -> Var:
         """A norm gain as an fp16 const, times ``scale`` in float32 before the one rounding."""
@@ -241,17 +293,31 @@ class Graph:
 
     def linear(self, x: Var, tensor: str, name: str, rows: tuple[int, int] | None = None) -> Var:
         weight_name = mil_name(tensor) if rows is None else f"{mil_name(tensor)}_{rows[0]}_{rows[1]}"
-        weight = self.weight(tensor, weight_name, rows)
-        # linear always has a bias; an explicit shared const keeps one copy for both functions.
+        return self.project(x, self.weight(tensor, weight_name, rows), weight_name, name)
+
+    def project(self, x: Var, weight: Var, weight_name: str, name: str) -> Var:
+        """``x @ weight.T`` as ``linear``, whose bias is an explicit zero const shared by both functions."""
         bias = mb.const(val=np.zeros(weight.shape[0], np.float16), name=f"{weight_name}_bias")
         bias.op.weight_id = bias.name
         return mb.linear(x=x, weight=weight, bias=bias, name=name)
 
-    def rms_norm(self, x: Var, gain: Var, eps: float, name: str) -> Var:
-        """RMSNorm over the last axis as ``layer_norm([x, -x])``: no square of x is ever a tensor."""
+    def gelu_mlp(self, x: Var, il: int, prefix: str) -> Var:
+        """Gemma's dense MLP: ``down(gelu_tanh(gate(x)) * up(x))``."""
+        gate = self.linear(x, f"blk.{il}.ffn_gate.weight", f"{prefix}ffn_gate")
+        up = self.linear(x, f"blk.{il}.ffn_up.weight", f"{prefix}ffn_up")
+        act = mb.mul(x=mb.gelu(x=gate, mode="TANH_APPROXIMATION", name=f"{prefix}ffn_gelu"), y=up,
+                     name=f"{prefix}ffn_geglu")
+        return self.linear(act, f"blk.{il}.ffn_down.weight", f"{prefix}ffn_down")
+
+    def rms_norm(self, x: Var, gain: Var | None, eps: float, name: str) -> Var:
+        """RMSNorm over the last axis as ``layer_norm([x, -x])``: no square of x is ever a tensor.
+        Without ``gain`` the norm is weightless (Gemma 4's V norm and router input)."""
         negated = mb.mul(x=x, y=_fp16(-1.0), name=f"{name}_neg")
         mirrored = mb.concat(values=[x, negated], axis=-1, name=f"{name}_mirrored")
         normed = mb.layer_norm(x=mirrored, axes=[-1], epsilon=_fp16(eps), name=f"{name}_ln")
+        if gain is None:
+            half, _ = mb.split(x=normed, num_splits=2, axis=-1, name=name)
+            return half
         half, _ = mb.split(x=normed, num_splits=2, axis=-1, name=f"{name}_half")
         return mb.mul(x=half, y=gain, name=name)
 
@@ -261,8 +327,8 @@ class Graph:
             return x
         return mb.mul(x=x, y=_fp16(self.alpha), name=name)
 
-    def heads(self, x: Var, count: int, name: str) -> Var:
-        return mb.reshape(x=x, shape=[1, self.tokens, count, self.config.head_dim], name=name)
+    def heads(self, x: Var, count: int, head_dim: int, name: str) -> Var:
+        return mb.reshape(x=x, shape=[1, self.tokens, count, head_dim], name=name)
 
     def rope(self, x: Var, il: int, name: str) -> Var:
         """``x [1, T, heads, head_dim]`` rotated: ``x * cos + swap(x) * sin`` (tables from the host)."""
@@ -284,8 +350,8 @@ class Graph:
     def attention(self, il: int, q: Var, k: Var, v: Var, prefix: str) -> Var:
         """Grouped-query attention of ``q [1, T, H, d]`` over the cache and the chunk's ``k, v
         [1, T, Hkv, d]``; emits ``k_new_<il>``, ``v_new_<il>`` and returns ``[1, T, H * d]``."""
-        cfg, tokens = self.config, self.tokens
-        n_head, n_kv, head_dim = cfg.n_head, cfg.n_head_kv, cfg.head_dim
+        tokens = self.tokens
+        n_head, n_kv, head_dim = self.arch.attention_dims(self.config, il)
         group, keys_total = n_head // n_kv, self.context + tokens
         k_new = mb.transpose(x=k, perm=[0, 2, 1, 3], name=f"k_new_{il}")
         v_new = mb.transpose(x=v, perm=[0, 2, 1, 3], name=f"v_new_{il}")
@@ -307,14 +373,14 @@ class Graph:
         return mb.reshape(x=mixed, shape=[1, tokens, n_head * head_dim], name=f"{prefix}mixed_flat")
 
     def qkv(self, il: int, x: Var, prefix: str) -> tuple[Var, Var, Var]:
-        cfg = self.config
+        n_head, n_kv, head_dim = self.arch.attention_dims(self.config, il)
         q = self.linear(x, f"blk.{il}.attn_q.weight", f"{prefix}q")
         k = self.linear(x, f"blk.{il}.attn_k.weight", f"{prefix}k")
         v = self.linear(x, f"blk.{il}.attn_v.weight", f"{prefix}v")
         return (
-            self.heads(q, cfg.n_head, f"{prefix}q_split"),
-            self.heads(k, cfg.n_head_kv, f"{prefix}k_split"),
-            self.heads(v, cfg.n_head_kv, f"{prefix}v_split"),
+            self.heads(q, n_head, head_dim, f"{prefix}q_split"),
+            self.heads(k, n_kv, head_dim, f"{prefix}k_split"),
+            self.heads(v, n_kv, head_dim, f"{prefix}v_split"),
         )
 
 
@@ -337,10 +403,7 @@ def gemma3_layer(g: Graph, il: int, hidden: Var, out_name: str) -> Var:
     hidden = mb.add(x=hidden, y=attn, name=f"{p}attn_residual")
 
     x = g.rms_norm(hidden, g.gain(f"blk.{il}.ffn_norm.weight"), g.residual_eps, f"{p}ffn_norm")
-    gate = g.linear(x, f"blk.{il}.ffn_gate.weight", f"{p}ffn_gate")
-    up = g.linear(x, f"blk.{il}.ffn_up.weight", f"{p}ffn_up")
-    act = mb.mul(x=mb.gelu(x=gate, mode="TANH_APPROXIMATION", name=f"{p}ffn_gelu"), y=up, name=f"{p}ffn_geglu")
-    down = g.linear(act, f"blk.{il}.ffn_down.weight", f"{p}ffn_down")
+    down = g.gelu_mlp(x, il, p)
     down = g.rms_norm(down, g.gain(f"blk.{il}.post_ffw_norm.weight", g.alpha), cfg.rms_eps, f"{p}post_ffw_norm")
     return mb.add(x=hidden, y=down, name=out_name)
 
@@ -362,6 +425,18 @@ def llama_layer(g: Graph, il: int, hidden: Var, out_name: str) -> Var:
     return mb.add(x=hidden, y=g.residual_branch(down, f"{p}ffn_scaled"), name=out_name)
 
 
+def _uniform_dims(config: Gemma3Config | LlamaConfig, il: int) -> tuple[int, int, int]:
+    return config.n_head, config.n_head_kv, config.head_dim
+
+
+def _gemma4_dims(config: Gemma4Config, il: int) -> tuple[int, int, int]:
+    return config.n_head[il], config.n_head_kv[il], config.head_dim(il)
+
+
+def _no_moe(config: ModelConfig) -> tuple[bool, ...]:
+    return (False,) * config.n_layers
+
+
 @dataclass(frozen=True)
 class Architecture:
     """What differs between the architectures' graphs; everything else is shared."""
@@ -369,18 +444,24 @@ class Architecture:
     layer: Callable[[Graph, int, Var, str], Var]
     variants: Callable[[ModelConfig], tuple[AttentionVariant, ...]]
     neox: bool  # RoPE pairs (i, i + d/2) rather than (2i, 2i + 1)
-    rope_dims: Callable[[ModelConfig], int]
     embed_scale: Callable[[ModelConfig], float]
+    attention_dims: Callable[[ModelConfig, int], tuple[int, int, int]]  # (heads, KV heads, head size) of a layer
+    moe_layers: Callable[[ModelConfig], tuple[bool, ...]] = _no_moe  # layers with routed experts
+    final_softcap: Callable[[ModelConfig], float | None] = lambda cfg: None
 
 
 ARCHITECTURES: dict[type, Architecture] = {
     Gemma3Config: Architecture(
-        gemma3_layer, _gemma3_variants, neox=True,
-        rope_dims=lambda cfg: cfg.head_dim, embed_scale=lambda cfg: cfg.embed_scale,
+        gemma3_layer, _gemma3_variants, neox=True, embed_scale=lambda cfg: cfg.embed_scale,
+        attention_dims=_uniform_dims,
     ),
     LlamaConfig: Architecture(
-        llama_layer, _llama_variants, neox=False,
-        rope_dims=lambda cfg: cfg.rope_dim, embed_scale=lambda cfg: 1.0,
+        llama_layer, _llama_variants, neox=False, embed_scale=lambda cfg: 1.0, attention_dims=_uniform_dims,
+    ),
+    Gemma4Config: Architecture(
+        moe.gemma4_layer, _gemma4_variants, neox=True, embed_scale=lambda cfg: cfg.embed_scale,
+        attention_dims=_gemma4_dims, moe_layers=lambda cfg: cfg.moe_layers,
+        final_softcap=lambda cfg: cfg.final_logit_softcap,
     ),
 }
 
@@ -392,19 +473,48 @@ def architecture(config: ModelConfig) -> Architecture:
     return arch
 
 
+def moe_layers(config: ModelConfig) -> tuple[bool, ...]:
+    """Per layer: whether it routes tokens to experts (its package ends before them)."""
+    return architecture(config).moe_layers(config)
+
+
+def cache_shape(config: ModelConfig, il: int, length: int) -> tuple[int, int, int, int]:
+    """``[1, KV heads, length, head size]`` of layer ``il``'s keys or values."""
+    _, n_kv, head_dim = architecture(config).attention_dims(config, il)
+    return (1, n_kv, length, head_dim)
+
+
+def check_supported(config: ModelConfig, path: str | Path | None = None) -> None:
+    """Refuse, in one line, the models whose shards this builder cannot make."""
+    arch = architecture(config)
+    if arch.neox and any(v.n_rot != v.head_dim for v in arch.variants(config)):
+        raise UnsupportedModelError(path, "partial NEOX RoPE (rope dimension below the head size) has no Core ML graph yet")
+    if isinstance(config, Gemma4Config) and (config.n_embd_per_layer or config.n_kv_shared_layers):
+        raise UnsupportedModelError(
+            path, "Gemma 4 per-layer embeddings and KV sharing (E2B/E4B) have no Core ML shards yet"
+        )
+
+
 # ---------------------------------------------------------------------------------------
 # Shards: plan, I/O, graphs
 
 
 @dataclass(frozen=True)
 class ShardPlan:
-    """One package to build: its layers, or its LM-head row chunks ``(start, stop)``."""
+    """One package to build: its layers, its LM-head row chunks ``(start, stop)``, or (kind
+    ``experts``) experts ``experts[0] .. experts[1] - 1`` of MoE layer ``layers[0]``.
+
+    ``moe_in``: the MoE layer whose experts ran on the host just before; a layers or head
+    package with it opens with that layer's combine instead of reading ``hidden``.
+    """
 
     file: str
     kind: str
     layers: tuple[int, ...] = ()
     chunks: tuple[tuple[int, int], ...] = ()
     first_chunk: int = 0  # global number of the first logits output
+    moe_in: int | None = None
+    experts: tuple[int, int] | None = None
 
     @property
     def vocab(self) -> tuple[int, int] | None:
@@ -412,7 +522,13 @@ class ShardPlan:
 
 
 def _layer_tensors(config: ModelConfig, il: int) -> list[str]:
-    return [name for name in config.expected_shapes() if name.startswith(f"blk.{il}.")]
+    """What a layers package stores of layer ``il``; of an MoE layer only the trunk (its banks
+    go to expert packages, its combine to the next package, ``ffn_down_exps.scale`` to the host)."""
+    names = [name for name in config.expected_shapes() if name.startswith(f"blk.{il}.")]
+    if not moe_layers(config)[il]:
+        return names
+    elsewhere = {*moe.expert_banks(config, il), *moe.combine_tensors(config, il), f"blk.{il}.ffn_down_exps.scale"}
+    return [name for name in names if name not in elsewhere]
 
 
 def _head_tensors() -> list[str]:
@@ -420,9 +536,20 @@ def _head_tensors() -> list[str]:
 
 
 def plan_tensors(config: ModelConfig, plan: ShardPlan) -> list[str]:
+    if plan.kind == "experts":
+        return moe.expert_banks(config, plan.layers[0])
+    opening = [] if plan.moe_in is None else moe.combine_tensors(config, plan.moe_in)
     if plan.kind == "layers":
-        return [name for il in plan.layers for name in _layer_tensors(config, il)]
-    return _head_tensors()
+        return opening + [name for il in plan.layers for name in _layer_tensors(config, il)]
+    return opening + _head_tensors()
+
+
+def plan_functions(plan: ShardPlan, chunk: int) -> dict[str, int]:
+    """Each function of the package with its token count, the default (first) one first."""
+    counts = dict(zip(FUNCTIONS, (chunk, 1)))
+    if plan.kind != "experts":
+        return counts
+    return {moe.expert_function(e, mode): tokens for e in range(*plan.experts) for mode, tokens in counts.items()}
 
 
 def _stored_bytes(fmt: Format, shape: tuple[int, ...]) -> int:
@@ -439,41 +566,51 @@ def _row_block(fmt: Format) -> int:
 
 
 def plan_shards(config: ModelConfig, gguf: GGUFFile, weights: RecipeWeights, max_bytes: int) -> list[ShardPlan]:
-    """Consecutive layers per package while their stored weights fit ``max_bytes``; then the
-    LM head in row chunks of at most 16384, as many chunks per package as fit."""
+    """Consecutive layers per package while their stored weights fit ``max_bytes`` (a package
+    ends after an MoE layer's trunk, followed by that layer's expert packages); then the LM head
+    in row chunks of at most 16384, as many chunks per package as fit."""
     shapes = config.expected_shapes()
-    recipe = weights.recipe
+    routed = moe_layers(config)
 
     def tensor_bytes(name: str) -> int:
         shape = shapes[stored_name(gguf, name)]
         if len(shape) == 1:
             return 2 * shape[0] + _BUDGET_BLOB_OVERHEAD
-        return _stored_bytes(recipe.format_for(name), shape)
+        return _stored_bytes(tensor_format(weights, name), shape)
+
+    def opening(il: int) -> int | None:
+        return il - 1 if il > 0 and routed[il - 1] else None
+
+    def opening_bytes(moe_in: int | None) -> int:
+        return 0 if moe_in is None else sum(tensor_bytes(name) for name in moe.combine_tensors(config, moe_in))
 
     digits = max(2, len(str(config.n_layers - 1)))
     groups: list[list[int]] = []
     used = 0
     for il in range(config.n_layers):
-        size = sum(tensor_bytes(name) for name in _layer_tensors(config, il))
+        size = sum(tensor_bytes(name) for name in _layer_tensors(config, il)) + opening_bytes(opening(il))
         if size > max_bytes:
             raise AnepackError(None, f"layer {il} needs {size / 2**20:.1f} MB, more than the shard budget")
-        if groups and used + size <= max_bytes:
+        if groups and opening(il) is None and used + size <= max_bytes:
             groups[-1].append(il)
             used += size
         else:
             groups.append([il])
             used = size
-    plans = [
-        ShardPlan(f"layers_{group[0]:0{digits}d}_{group[-1]:0{digits}d}.mlpackage", "layers", tuple(group))
-        for group in groups
-    ]
+    plans = []
+    for group in groups:
+        plans.append(ShardPlan(f"layers_{group[0]:0{digits}d}_{group[-1]:0{digits}d}.mlpackage", "layers",
+                               tuple(group), moe_in=opening(group[0])))
+        if routed[group[-1]]:
+            plans += _expert_plans(config, weights, group[-1], max_bytes, digits)
 
-    head_fmt = recipe.format_for(LM_HEAD)
+    head_fmt = weights.recipe.format_for(LM_HEAD)
     vocab, width = config.vocab_size, config.n_embd
     block = _row_block(head_fmt)
     chunk_rows = MAX_VOCAB_CHUNK - MAX_VOCAB_CHUNK % block
     chunks = [(start, min(start + chunk_rows, vocab)) for start in range(0, vocab, chunk_rows)]
-    norm_bytes = tensor_bytes("output_norm.weight")
+    head_in = opening(config.n_layers)
+    norm_bytes = tensor_bytes("output_norm.weight") + opening_bytes(head_in)
     head_groups: list[list[tuple[int, int]]] = []
     used = 0
     for start, stop in chunks:
@@ -490,41 +627,68 @@ def plan_shards(config: ModelConfig, gguf: GGUFFile, weights: RecipeWeights, max
             used = norm_bytes + size
     first = 0
     for number, group in enumerate(head_groups):
-        plans.append(ShardPlan(f"head_{number:02d}.mlpackage", "head", chunks=tuple(group), first_chunk=first))
+        plans.append(ShardPlan(f"head_{number:02d}.mlpackage", "head", chunks=tuple(group), first_chunk=first,
+                               moe_in=head_in))
         first += len(group)
     return plans
 
 
+def _expert_plans(config: ModelConfig, weights: RecipeWeights, il: int, max_bytes: int, digits: int) -> list[ShardPlan]:
+    """Layer ``il``'s experts in consecutive runs, as many per package as the budget holds."""
+    shapes = config.expected_shapes()
+    per_expert = sum(
+        _stored_bytes(tensor_format(weights, bank), shapes[bank][1:]) for bank in moe.expert_banks(config, il)
+    )
+    if per_expert > max_bytes:
+        raise AnepackError(None, f"one expert of layer {il} needs {per_expert / 2**20:.1f} MB, more than the shard budget")
+    per_package = max_bytes // per_expert
+    return [
+        ShardPlan(f"experts_{il:0{digits}d}_{start:03d}_{stop - 1:03d}.mlpackage", "experts", (il,),
+                  experts=(start, stop))
+        for start in range(0, config.n_expert, per_package)
+        for stop in [min(start + per_package, config.n_expert)]
+    ]
+
+
 def function_io(config: ModelConfig, plan: ShardPlan, tokens: int, context: int) -> FunctionSpec:
     """The inputs and outputs of a shard function over ``tokens`` tokens, in order."""
-    hidden = TensorSpec("hidden", (1, tokens, config.n_embd))
+    width = (1, tokens, config.n_embd)
+    if plan.kind == "experts":
+        return FunctionSpec((TensorSpec(moe.EXPERT_INPUT, width),), (TensorSpec(moe.EXPERT_OUTPUT, width),))
+    names = ("hidden",) if plan.moe_in is None else moe.COMBINE_INPUTS
+    boundary = [TensorSpec(name, width) for name in names]
     if plan.kind == "head":
         outputs = tuple(
             TensorSpec(f"logits_{plan.first_chunk + number}", (1, tokens, stop - start))
             for number, (start, stop) in enumerate(plan.chunks)
         )
-        return FunctionSpec((hidden,), outputs)
+        return FunctionSpec(tuple(boundary), outputs)
     variants = architecture(config).variants(config)
-    used = _distinct(tuple(variants[il] for il in plan.layers))
-    inputs = [hidden]
-    for variant in used:
+    inputs = boundary
+    for variant in _distinct(tuple(variants[il] for il in plan.layers)):
         inputs += [
-            TensorSpec(f"cos_{variant.name}", (tokens, config.head_dim)),
-            TensorSpec(f"sin_{variant.name}", (tokens, config.head_dim)),
+            TensorSpec(f"cos_{variant.name}", (tokens, variant.head_dim)),
+            TensorSpec(f"sin_{variant.name}", (tokens, variant.head_dim)),
             TensorSpec(f"mask_{variant.name}", (tokens, context + tokens)),
         ]
-    outputs = [TensorSpec("hidden_out", (1, tokens, config.n_embd))]
+    if moe_layers(config)[plan.layers[-1]]:
+        *trunk, logits = moe.TRUNK_OUTPUTS
+        outputs = [TensorSpec(name, width) for name in trunk] + [TensorSpec(logits, (1, tokens, config.n_expert))]
+    else:
+        outputs = [TensorSpec("hidden_out", width)]
     for il in plan.layers:
-        cache, new = (1, config.n_head_kv, context, config.head_dim), (1, config.n_head_kv, tokens, config.head_dim)
+        cache, new = cache_shape(config, il, context), cache_shape(config, il, tokens)
         inputs += [TensorSpec(f"k_cache_{il}", cache), TensorSpec(f"v_cache_{il}", cache)]
         outputs += [TensorSpec(f"k_new_{il}", new), TensorSpec(f"v_new_{il}", new)]
     return FunctionSpec(tuple(inputs), tuple(outputs))
 
 
 def build_function(
-    config: ModelConfig, weights: RecipeWeights, plan: ShardPlan, alpha: float, tokens: int, context: int
+    config: ModelConfig, weights: RecipeWeights, plan: ShardPlan, alpha: float, tokens: int, context: int,
+    expert: tuple[int, dict[str, QuantizedTensor]] | None = None,
 ) -> Function:
-    """The MIL function of ``plan`` over ``tokens`` tokens (prefill: the chunk; decode: 1)."""
+    """The MIL function of ``plan`` over ``tokens`` tokens (prefill: the chunk; decode: 1); in
+    an expert package, of ``expert`` = (index, its stored matrix per bank)."""
     io_spec = function_io(config, plan, tokens, context)
     placeholders = {spec.name: mb.TensorSpec(spec.shape, dtype=types.fp16) for spec in io_spec.inputs}
     with _fresh_op_names(), Function(placeholders, opset_version=ct.target.iOS18) as function:
@@ -532,6 +696,8 @@ def build_function(
         g.inputs = dict(function.inputs)
         if plan.kind == "head":
             outputs = _head(g, plan)
+        elif plan.kind == "experts":
+            outputs = [moe.expert(g, plan.layers[0], expert[0], g.inputs[moe.EXPERT_INPUT], expert[1])]
         else:
             outputs = _layers(g, plan)
         function.set_outputs(outputs)
@@ -542,25 +708,43 @@ def build_function(
     return function
 
 
+def _opening(g: Graph, plan: ShardPlan, out_name: str) -> Var:
+    """The residual stream a layers or head package starts from."""
+    if plan.moe_in is None:
+        return g.inputs["hidden"]
+    return moe.moe_combine(g, plan.moe_in, *(g.inputs[name] for name in moe.COMBINE_INPUTS), out_name)
+
+
 def _layers(g: Graph, plan: ShardPlan) -> list[Var]:
     for name in list(g.inputs):
         if name.startswith(("cos_", "sin_")):
             g.inputs[f"{name}_heads"] = mb.reshape(
-                x=g.inputs[name], shape=[1, g.tokens, 1, g.config.head_dim], name=f"{name}_heads"
+                x=g.inputs[name], shape=[1, g.tokens, 1, g.inputs[name].shape[-1]], name=f"{name}_heads"
             )
-    hidden = g.inputs["hidden"]
+    hidden = _opening(g, plan, f"blk_{plan.moe_in}_out")
+    routed = moe_layers(g.config)
     for il in plan.layers:
-        out_name = "hidden_out" if il == plan.layers[-1] else f"blk_{il}_out"
-        hidden = g.arch.layer(g, il, hidden, out_name)
-    return [hidden] + [var for il in plan.layers for var in g.new_cache[il]]
+        if routed[il]:  # the planner ends a package at its MoE layer
+            boundary = moe.moe_trunk(g, il, hidden)
+        else:
+            hidden = g.arch.layer(g, il, hidden, "hidden_out" if il == plan.layers[-1] else f"blk_{il}_out")
+            boundary = [hidden]
+    return boundary + [var for il in plan.layers for var in g.new_cache[il]]
 
 
 def _head(g: Graph, plan: ShardPlan) -> list[Var]:
-    x = g.rms_norm(g.inputs["hidden"], g.gain("output_norm.weight"), g.residual_eps, "output_norm")
-    return [
-        g.linear(x, LM_HEAD, f"logits_{plan.first_chunk + number}", (start, stop))
-        for number, (start, stop) in enumerate(plan.chunks)
-    ]
+    hidden = _opening(g, plan, "final_hidden")
+    x = g.rms_norm(hidden, g.gain("output_norm.weight"), g.residual_eps, "output_norm")
+    cap = g.arch.final_softcap(g.config)
+    outputs = []
+    for number, (start, stop) in enumerate(plan.chunks):
+        name = f"logits_{plan.first_chunk + number}"
+        logits = g.linear(x, LM_HEAD, name if cap is None else f"{name}_uncapped", (start, stop))
+        if cap is not None:  # Gemma's final soft-cap: cap * tanh(logits / cap)
+            scaled = mb.mul(x=logits, y=_fp16(1.0 / cap), name=f"{name}_scaled")
+            logits = mb.mul(x=mb.tanh(x=scaled, name=f"{name}_tanh"), y=_fp16(cap), name=name)
+        outputs.append(logits)
+    return outputs
 
 
 # ---------------------------------------------------------------------------------------
@@ -596,28 +780,34 @@ def _build_key(common: dict, plan: ShardPlan, config: ModelConfig, weights: Reci
     return _digest({**common, "plan": asdict(plan), "tensors": tensors})
 
 
-def _embedding_table(gguf: GGUFFile, weights: RecipeWeights, config: ModelConfig, alpha: float) -> np.ndarray:
-    scaled = weights.exact(EMBEDDING) * np.float32(architecture(config).embed_scale(config))
-    scaled *= np.float32(alpha)
-    peak = float(np.abs(scaled).max(initial=0.0))
-    if peak > FP16_MAX:
-        raise AnepackError(gguf.path, f"embeddings times alpha reach {peak:.0f}, beyond fp16; choose a smaller alpha")
-    return scaled.astype(np.float16)
-
-
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
+def _embedding_table(gguf: GGUFFile, config: ModelConfig, alpha: float) -> np.ndarray:
+    """The host table, float16, filled a block of rows at a time (a real vocabulary is gigabytes
+    as float32)."""
+    scale = np.float32(architecture(config).embed_scale(config))
+    source = stored_name(gguf, EMBEDDING)
+    table = np.empty((config.vocab_size, config.n_embd), np.float16)
+    for start in range(0, config.vocab_size, _ROW_BLOCK):
+        scaled = gguf.rows(source, start, start + _ROW_BLOCK) * scale
+        scaled *= np.float32(alpha)
+        peak = float(np.abs(scaled).max(initial=0.0))
+        if peak > FP16_MAX:
+            raise AnepackError(gguf.path, f"embeddings times alpha reach {peak:.0f}, beyond fp16; choose a smaller alpha")
+        table[start:start + len(scaled)] = scaled
+    return table
 
 
 def _write_embeddings(path: Path, table: np.ndarray, resume: bool) -> bool:
     """Write the table unless an identical file is already there; True when written."""
-    data = _npy_bytes(table)
-    if resume and path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
-        return False
-    atomic_write_bytes(path, data)
-    return True
+    partial = temporary_path(path)
+    try:
+        with open(partial, "wb") as handle:
+            np.save(handle, table, allow_pickle=False)
+        if resume and path.is_file() and filecmp.cmp(partial, path, shallow=False):
+            return False
+        os.replace(partial, path)
+        return True
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def _weight_formats(
@@ -632,9 +822,46 @@ def _weight_formats(
             shape = shapes[stored_name(gguf, name)]
             if len(shape) < 2:
                 continue
-            fmt = weights.recipe.format_for(name)
+            fmt = tensor_format(weights, name)
             formats[name] = WeightFormat(fmt.spec, 8.0 * fmt.payload_bytes(shape) / math.prod(shape), shape)
     return formats
+
+
+def _plan_functions(
+    config: ModelConfig, weights: RecipeWeights, plan: ShardPlan, alpha: float, chunk: int, context: int
+) -> dict[str, Function]:
+    """Every function of a package; each expert is quantized once for its prefill and decode
+    functions, one expert at a time."""
+    if plan.kind != "experts":
+        return {
+            name: build_function(config, weights, plan, alpha, tokens, context)
+            for name, tokens in plan_functions(plan, chunk).items()
+        }
+    functions = {}
+    banks = moe.expert_banks(config, plan.layers[0])
+    for index in range(*plan.experts):
+        expert = (index, {bank: moe.stored_expert(weights, bank, index) for bank in banks})
+        for mode, tokens in zip(FUNCTIONS, (chunk, 1)):
+            functions[moe.expert_function(index, mode)] = build_function(
+                config, weights, plan, alpha, tokens, context, expert
+            )
+    return functions
+
+
+def _rope_freqs(config: ModelConfig, weights: RecipeWeights) -> tuple[float, ...] | None:
+    """The host's copy of the proportional-RoPE factors, when a layer uses them."""
+    if not any(variant.proportional for variant in architecture(config).variants(config)):
+        return None
+    return tuple(float(value) for value in weights.exact("rope_freqs.weight"))
+
+
+def _expert_down_scales(config: ModelConfig, weights: RecipeWeights) -> dict[int, tuple[float, ...]]:
+    """Per MoE layer with ``ffn_down_exps.scale``: the factors the host applies per expert."""
+    routed = moe_layers(config)
+    return {
+        il: tuple(float(value) for value in weights.exact(f"blk.{il}.ffn_down_exps.scale"))
+        for il in range(config.n_layers) if routed[il] and config.expert_scales[il]
+    }
 
 
 def build_shards(
@@ -660,7 +887,7 @@ def build_shards(
     ``validation`` (results measured by the caller) is recorded in the manifest as given.
     """
     config = gguf.config
-    architecture(config)
+    check_supported(config, gguf.path)
     if not (math.isfinite(alpha) and alpha > 0):
         raise AnepackError(None, f"alpha must be positive and finite, not {alpha}")
     if chunk < 1 or context < chunk:
@@ -679,11 +906,12 @@ def build_shards(
     common = {
         "anepack": anepack.__version__, "graph": GRAPH_VERSION, "source": fingerprint,
         "config": asdict(config), "alpha": alpha, "chunk": chunk, "context": context,
+        "whole_banks": weights.whole_banks,
     }
     total = len(plans) + 1
 
     embeddings_path = out / EMBEDDINGS_FILE
-    table = _embedding_table(gguf, weights, config, alpha)
+    table = _embedding_table(gguf, config, alpha)
     written = _write_embeddings(embeddings_path, table, resume)
     embeddings = ShardEntry(
         file=EMBEDDINGS_FILE, kind="embeddings", bytes=size_bytes(embeddings_path),
@@ -699,17 +927,14 @@ def build_shards(
         key = _build_key(common, plan, config, weights)
         rebuild = not (resume and path.is_dir() and package_metadata(path).get(BUILD_KEY_METADATA) == key)
         if rebuild:
-            functions = {
-                name: build_function(config, weights, plan, alpha, tokens, context)
-                for name, tokens in zip(FUNCTIONS, (chunk, 1))
-            }
             metadata = {BUILD_KEY_METADATA: key, "anepack.version": anepack.__version__, "anepack.shard": plan.file}
-            save_package(functions, path, metadata)
+            # No name keeps the graphs alive: one package's weights are in memory at a time.
+            save_package(_plan_functions(config, weights, plan, alpha, chunk, context), path, metadata)
         entries.append(ShardEntry(
             file=plan.file, kind=plan.kind, bytes=size_bytes(path), sha256=content_hash(path), build_key=key,
-            layers=plan.layers, vocab=plan.vocab, tensors=tuple(plan_tensors(config, plan)),
+            layers=plan.layers, vocab=plan.vocab, tensors=tuple(plan_tensors(config, plan)), experts=plan.experts,
             functions={
-                name: function_io(config, plan, tokens, context) for name, tokens in zip(FUNCTIONS, (chunk, 1))
+                name: function_io(config, plan, tokens, context) for name, tokens in plan_functions(plan, chunk).items()
             },
         ))
         if progress is not None:
@@ -736,6 +961,8 @@ def build_shards(
         shards=tuple(entries),
         weights=_weight_formats(config, gguf, weights, plans),
         validation=dict(validation or {}),
+        rope_freqs=_rope_freqs(config, weights),
+        expert_down_scales=_expert_down_scales(config, weights),
     )
     write_manifest(manifest, out)
     return manifest

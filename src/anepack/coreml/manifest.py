@@ -42,7 +42,9 @@ class ShardEntry:
     """One file of the build.
 
     ``kind`` is ``layers`` (``layers`` lists the transformer layers it runs), ``head`` (final
-    norm and the LM head rows ``vocab[0]:vocab[1]``) or ``embeddings`` (the host table).
+    norm and the LM head rows ``vocab[0]:vocab[1]``), ``experts`` (experts ``experts[0] ..
+    experts[1] - 1`` of MoE layer ``layers[0]``, one function per expert and token count) or
+    ``embeddings`` (the host table).
     ``build_key`` hashes everything the file was made from; a rebuild with the same key
     is skipped.
     """
@@ -56,6 +58,7 @@ class ShardEntry:
     vocab: tuple[int, int] | None = None
     tensors: tuple[str, ...] = ()
     functions: dict[str, FunctionSpec] = field(default_factory=dict)
+    experts: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,10 @@ class Manifest:
     shards: tuple[ShardEntry, ...]
     weights: dict[str, WeightFormat]
     validation: dict[str, Any] = field(default_factory=dict)
+    # What the host computes with besides config.json: Gemma 4's proportional-RoPE factors and,
+    # per MoE layer, the ffn_down_exps.scale factor of each expert (applied in float32).
+    rope_freqs: tuple[float, ...] | None = None
+    expert_down_scales: dict[int, tuple[float, ...]] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
@@ -110,6 +117,7 @@ def _entry(data: dict) -> ShardEntry:
         layers=tuple(data["layers"]),
         vocab=None if data["vocab"] is None else tuple(data["vocab"]),
         tensors=tuple(data["tensors"]),
+        experts=None if data.get("experts") is None else tuple(data["experts"]),
         functions={
             name: FunctionSpec(_tensor_specs(spec["inputs"]), _tensor_specs(spec["outputs"]))
             for name, spec in data["functions"].items()
@@ -139,6 +147,10 @@ def read_manifest(out_dir: Path) -> Manifest:
             weights={
                 name: WeightFormat(item["format"], item["bits_per_weight"], tuple(item["shape"]))
                 for name, item in data["weights"].items()
+            },
+            rope_freqs=None if data.get("rope_freqs") is None else tuple(data["rope_freqs"]),
+            expert_down_scales={
+                int(layer): tuple(scales) for layer, scales in data.get("expert_down_scales", {}).items()
             },
         )
     except (KeyError, TypeError) as err:

@@ -18,6 +18,11 @@ renormalized (in float32); each chosen expert computes GELU(gate) * up from
 down, times ``ffn_down_exps.scale[e]`` and its routing weight; the sum is post-normed by
 ``post_ffw_norm_2`` and added to the dense branch.
 
+Routing goes through :attr:`Gemma4.router`, a hook ``(layer, logits, k) -> (experts, weights)``
+that defaults to ``route_top_k``: ``RecordedRouting`` keeps the choices an engine made (the shard
+runtime takes the same hook), ``ForcedRouting`` makes the reference route to them, so two
+engines can be compared on the same experts where a near-tie made them choose differently.
+
 Experts are read one at a time through :meth:`Gemma4.expert`. Every expert matmul is shown to
 the observer under the name ``<bank>#e<index>`` (``blk.3.ffn_down_exps.weight#e17``) with only
 the rows routed to that expert, so calibration collects importance per expert.
@@ -33,15 +38,94 @@ then its layers in order (``forward`` does exactly that). Models without either 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from anepack.errors import AnepackError
-from anepack.reference.common import attention, attention_mask, rms_norm, rope, route_top_k, softcap
+from anepack.reference.common import (
+    MIN_ROUTING_WEIGHT_SUM, attention, attention_mask, rms_norm, rope, route_top_k, softcap, softmax,
+)
 from anepack.reference.model import ReferenceModel
 from anepack.source.config import Gemma4Config
 from anepack.source.weights import LM_HEAD
+
+
+# (layer, router logits [T, E], experts per token k) -> (experts [T, k], routing weights [T, k])
+Router = Callable[[int, np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+
+
+def own_routing(il: int, logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The model's routing: ``route_top_k`` (the layer does not change it)."""
+    return route_top_k(logits, k)
+
+
+class RecordedRouting:
+    """Routes as the model does and keeps every MoE layer's choices, in call order (an engine
+    that runs a prompt in chunks calls once per chunk)."""
+
+    def __init__(self):
+        self.calls: dict[int, list[np.ndarray]] = {}
+
+    def __call__(self, il: int, logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        chosen, weights = route_top_k(logits, k)
+        self.calls.setdefault(il, []).append(chosen)
+        return chosen, weights
+
+    def choices(self) -> dict[int, np.ndarray]:
+        """Per MoE layer, the experts chosen for every position ``[T, k]``."""
+        return {il: np.concatenate(calls) for il, calls in self.calls.items()}
+
+
+# Two engines may choose differently only where the k-th and (k+1)-th experts' probabilities are
+# this close (relative gap): float16 router logits are off by ~1e-2 at most.
+NEAR_TIE = 0.05
+
+
+@dataclass(frozen=True)
+class RoutingDifference:
+    """A position where forced experts are not the model's own top-k; ``gap`` is the model's
+    k-th minus (k+1)-th expert probability relative to the k-th (small: a near-tie)."""
+
+    layer: int
+    position: int
+    gap: float
+
+    @property
+    def near_tie(self) -> bool:
+        return self.gap < NEAR_TIE
+
+
+class ForcedRouting:
+    """Routes one prompt to given experts (per MoE layer ``[T, k]``), weighted by the model's own
+    probabilities renormalized over them as ``route_top_k`` renormalizes; keeps those
+    probabilities to say where the model's own choice differs and by how much."""
+
+    def __init__(self, choices: dict[int, np.ndarray]):
+        self.choices = choices
+        self.probabilities: dict[int, np.ndarray] = {}
+
+    def __call__(self, il: int, logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        probs = softmax(logits.astype(np.float32))
+        self.probabilities[il] = probs
+        chosen = self.choices[il]
+        picked = np.take_along_axis(probs, chosen, axis=-1)
+        total = np.maximum(picked.sum(axis=-1, keepdims=True), np.float32(MIN_ROUTING_WEIGHT_SUM))
+        return chosen, picked / total
+
+    def differences(self) -> list[RoutingDifference]:
+        """Every position of every routed layer where the forced experts differ from the model's own."""
+        found = []
+        for il, probs in sorted(self.probabilities.items()):
+            forced = self.choices[il]
+            k = forced.shape[1]
+            own = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
+            ranked = -np.sort(-probs, axis=-1)
+            for t in np.flatnonzero([set(a) != set(b) for a, b in zip(own, forced)]):
+                gap = (ranked[t, k - 1] - ranked[t, k]) / ranked[t, k - 1]
+                found.append(RoutingDifference(il, int(t), float(gap)))
+        return found
 
 
 @dataclass
@@ -59,6 +143,7 @@ class Gemma4(ReferenceModel):
 
     config: Gemma4Config
     sequence: SequenceState | None = None
+    router: Router = staticmethod(own_routing)
 
     def expert(self, name: str, index: int) -> np.ndarray:
         """Expert ``index`` of the 3-D bank ``name`` as float32 ``[out, in]``.
@@ -84,7 +169,8 @@ class Gemma4(ReferenceModel):
         weight = self.expert(name, index)
         if self.emulate is not None:
             return self.emulate.linear(x, weight, name)
-        return x @ weight.T
+        # An expert sees a few rows: BLAS is several times faster on W @ x.T than on x @ W.T there.
+        return (weight @ x.T).T
 
     # -- embedding --------------------------------------------------------------------------
 
@@ -190,7 +276,7 @@ class Gemma4(ReferenceModel):
         router_in = rms_norm(residual, None, cfg.rms_eps) * np.float32(1.0 / math.sqrt(cfg.n_embd))
         router_in = r(router_in * self.weight(f"blk.{il}.ffn_gate_inp.scale"), il, "router_in")
         logits = r(self.linear(router_in, f"blk.{il}.ffn_gate_inp.weight"), il, "router_logits")
-        chosen, routing = route_top_k(logits, cfg.n_expert_used[il])
+        chosen, routing = self.router(il, logits, cfg.n_expert_used[il])
 
         n_ff = cfg.n_ff_exp[il]
         down_name = f"blk.{il}.ffn_down_exps.weight"

@@ -21,6 +21,9 @@ class ShardEngine(Protocol):
 
     def run(self, function: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
+    def release(self) -> None:
+        """Free what the engine keeps decoded between calls (it reloads it when called again)."""
+
 
 class MilShard:
     """A shard run op by op by ``anepack.coreml.interpreter`` in numpy: the simulation of Core ML."""
@@ -32,6 +35,9 @@ class MilShard:
 
     def run(self, function: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.program.run(function, inputs)
+
+    def release(self) -> None:
+        self.program.release_constants()
 
 
 def open_shard(path: Path, backend: str) -> ShardEngine:

@@ -43,3 +43,6 @@ class CoreMLShard:
     def run(self, function: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         outputs = self._model(function).predict(inputs)
         return {name: np.asarray(value, dtype=np.float16) for name, value in outputs.items()}
+
+    def release(self) -> None:
+        """Nothing: Core ML pages a loaded model's weights itself."""

@@ -10,6 +10,11 @@ Prefill runs the ``prefill`` function over chunks of the build's ``chunk`` token
 of one token runs ``decode``, a shorter last chunk is padded and its padding masked. After every
 call each layer's ``k_new``/``v_new`` for the real tokens is written into the host cache at their
 positions, so cache slot j always holds position j.
+
+An MoE layer's package ends before its experts: the host routes each token (softmax over all
+experts, top-k, renormalized, times ``ffn_down_exps.scale``, in float32 as the reference), runs
+each chosen expert's function on the tokens routed to it, sums their weighted outputs and hands
+the sum to the next package, which opens with the layer's combine (docs/moe-shards.md).
 """
 
 from __future__ import annotations
@@ -18,9 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from anepack.coreml.builder import MASK_HIDDEN, host_inputs
+from anepack.coreml import moe
+from anepack.coreml.builder import MASK_HIDDEN, cache_shape, host_inputs, moe_layers
 from anepack.coreml.manifest import ShardEntry, read_manifest
 from anepack.errors import AnepackError
+from anepack.reference.gemma4 import Router, own_routing
 from anepack.runtime.backends import ShardEngine, open_shard
 from anepack.runtime.host_files import read_config
 from anepack.tokenizer import checked_tokens
@@ -45,9 +52,13 @@ class ShardRuntime:
         self._check_coverage(layer_entries, head_entries)
         self._layers = [(entry, open_shard(self.out_dir / entry.file, backend)) for entry in layer_entries]
         self._heads = [(entry, open_shard(self.out_dir / entry.file, backend)) for entry in head_entries]
-        cache_shape = (1, self.config.n_head_kv, self.context, self.config.head_dim)
+        self._routed = moe_layers(self.config)
+        # The host's routing, as the reference's (a hook: a check records the experts chosen).
+        self.router: Router = own_routing
+        self._experts = self._expert_shards()
+        self._rope_freqs = None if self.manifest.rope_freqs is None else np.array(self.manifest.rope_freqs)
         self._cache = {
-            f"{kind}_cache_{il}": np.zeros(cache_shape, np.float16)
+            f"{kind}_cache_{il}": np.zeros(cache_shape(self.config, il, self.context), np.float16)
             for il in range(self.config.n_layers) for kind in ("k", "v")
         }
         self.position = 0
@@ -99,6 +110,22 @@ class ShardRuntime:
         if not head_entries or stops != starts:
             raise AnepackError(self.out_dir, f"the head shards do not cover the vocabulary 0..{self.config.vocab_size}")
 
+    def _expert_shards(self) -> dict[int, list[tuple[ShardEntry, ShardEngine]]]:
+        """Per MoE layer, its expert packages, which must cover every expert exactly once."""
+        by_layer: dict[int, list[ShardEntry]] = {}
+        for entry in self.manifest.shards:
+            if entry.kind == "experts":
+                by_layer.setdefault(entry.layers[0], []).append(entry)
+        shards = {}
+        for il in (il for il, routed in enumerate(self._routed) if routed):
+            entries = sorted(by_layer.get(il, []), key=lambda e: e.experts[0])
+            bounds = [0] + [stop for _, stop in (e.experts for e in entries)]
+            if bounds[:-1] != [e.experts[0] for e in entries] or bounds[-1] != self.config.n_expert:
+                raise AnepackError(self.out_dir, f"the expert shards of layer {il} do not cover experts "
+                                                 f"0..{self.config.n_expert - 1}")
+            shards[il] = [(entry, open_shard(self.out_dir / entry.file, self.backend)) for entry in entries]
+        return shards
+
     def _checked(self, tokens) -> np.ndarray:
         tokens = checked_tokens(tokens, self.config.vocab_size)
         if self.position + tokens.size > self.context:
@@ -115,20 +142,50 @@ class ShardRuntime:
         padded = np.concatenate([tokens, np.full(width - count, tokens[-1])])
         hidden = np.asarray(self.embeddings[padded], dtype=np.float16)[None]
         available = {**self._host_inputs(start, count, width), **self._cache}
+        boundary = {"hidden": hidden}
         for entry, shard in self._layers:
-            available["hidden"] = hidden
-            outputs = self._run(entry, shard, function, available)
-            hidden = outputs["hidden_out"]
+            outputs = self._run(entry, shard, function, {**available, **boundary})
             for il in entry.layers:
                 for kind in ("k", "v"):
                     new = outputs[f"{kind}_new_{il}"]
                     self._cache[f"{kind}_cache_{il}"][:, :, start:start + count] = new[:, :, :count]
+            last = entry.layers[-1]
+            if self._routed[last]:
+                residual, dense, _, _ = moe.TRUNK_OUTPUTS
+                routed = self._run_experts(last, outputs, count)
+                boundary = dict(zip(moe.COMBINE_INPUTS, (outputs[residual], outputs[dense], routed)))
+            else:
+                boundary = {"hidden": outputs["hidden_out"]}
         logits = []
         for entry, shard in self._heads:
-            outputs = self._run(entry, shard, function, {"hidden": hidden})
+            outputs = self._run(entry, shard, function, boundary)
             logits += [outputs[spec.name][0, :count] for spec in entry.functions[function].outputs]
         self.position += count
         return np.concatenate(logits, axis=-1).astype(np.float32)
+
+    def _run_experts(self, il: int, trunk: dict[str, np.ndarray], count: int) -> np.ndarray:
+        """The routed sum ``[1, width, D]`` float16 of MoE layer ``il`` for the ``count`` real tokens.
+
+        Routing in float32 as the reference; an expert runs once per call on the tokens routed
+        to it (its ``decode`` function for one token, else ``prefill`` zero-padded to the chunk:
+        an expert maps zero rows to zero)."""
+        _, _, expert_in, router_logits = moe.TRUNK_OUTPUTS
+        x = trunk[expert_in][0, :count]
+        chosen, routing = self.router(il, trunk[router_logits][0, :count].astype(np.float32),
+                                      self.config.n_expert_used[il])
+        scales = self.manifest.expert_down_scales.get(il)
+        routed = np.zeros(trunk[expert_in].shape[1:], np.float32)
+        for expert in np.unique(chosen):
+            rows, slots = np.nonzero(chosen == expert)
+            weight = routing[rows, slots] if scales is None else routing[rows, slots] * np.float32(scales[expert])
+            mode, width = ("decode", 1) if len(rows) == 1 else ("prefill", self.chunk)
+            tokens = np.zeros((1, width, x.shape[1]), np.float16)
+            tokens[0, :len(rows)] = x[rows]
+            entry, shard = next(item for item in self._experts[il] if item[0].experts[0] <= expert < item[0].experts[1])
+            out = self._run(entry, shard, moe.expert_function(int(expert), mode), {moe.EXPERT_INPUT: tokens})
+            shard.release()  # a layer's experts decoded are gigabytes: hold one at a time
+            routed[rows] += out[moe.EXPERT_OUTPUT][0, :len(rows)].astype(np.float32) * weight[:, None]
+        return routed.astype(np.float16)[None]
 
     def _run(self, entry: ShardEntry, shard: ShardEngine, function: str, available: dict) -> dict:
         specs = entry.functions[function]
@@ -140,7 +197,7 @@ class ShardRuntime:
 
     def _host_inputs(self, start: int, count: int, width: int) -> dict[str, np.ndarray]:
         """RoPE tables and masks for ``count`` real tokens at ``start``, padded to ``width`` rows."""
-        real = host_inputs(self.config, start, count, self.context)
+        real = host_inputs(self.config, start, count, self.context, self._rope_freqs)
         if count == width:
             return real
         padded = {}

@@ -5,6 +5,11 @@ values (a 262,144-entry vocabulary, say) are skipped and decoded on first access
 data is read only when a tensor, or one expert of a 3-D expert bank, is asked for. Every
 count and size the header declares is checked against the file size before anything is
 allocated from it.
+
+Pages of the map that a read has copied out of are released again (``madvise(MADV_DONTNEED)``):
+they are clean file pages, so the kernel refills them from the page cache if they are touched
+again, and a pass over a 48 GB model keeps about one tensor's pages resident instead of
+every page it has read.
 """
 
 from __future__ import annotations
@@ -161,6 +166,20 @@ class _Cursor:
 
 
 _U64 = struct.Struct("<Q")
+
+
+def _widen_bf16(data: np.ndarray, out: np.ndarray) -> None:
+    """bfloat16 is the top half of a float32: one shift, written straight into ``out``."""
+    np.left_shift(data.view("<u2"), 16, out=out.view(np.uint32), dtype=np.uint32)
+
+
+def _widen_f16(data: np.ndarray, out: np.ndarray) -> None:
+    out[...] = data.view("<f2")
+
+
+# Types whose float32 value is an exact widening: done in one pass, without gguf-py's
+# full-size temporaries.
+_WIDENED = {GGMLQuantizationType.BF16: _widen_bf16, GGMLQuantizationType.F16: _widen_f16}
 
 
 def _skip_strings(buffer: mmap.mmap, pos: int, count: int, size: int, path: Path, key: str) -> int:
@@ -385,12 +404,21 @@ class GGUFFile:
         data = data.reshape(n_rows, row_bytes)
         if info.ggml_type == GGMLQuantizationType.F32:
             return data.view(np.float32).reshape(shape)  # a read-only view of the map, no copy
+        out = np.empty((n_rows, shape[-1]), dtype=np.float32)
+        widen = _WIDENED.get(info.ggml_type)
+        if widen is not None:
+            widen(data, out)
+        else:
+            self._dequantize_chunks(info, data, out)
+        self._release(offset, n_rows * row_bytes)
+        return out.reshape(shape)
+
+    def _dequantize_chunks(self, info: TensorInfo, data: np.ndarray, out: np.ndarray) -> None:
         # gguf-py's dequantizers make several full-size temporaries: going through row chunks
         # keeps the peak near the float32 result itself.
-        out = np.empty((n_rows, shape[-1]), dtype=np.float32)
-        step = max(1, DEQUANT_CHUNK_ELEMENTS // shape[-1])
+        step = max(1, DEQUANT_CHUNK_ELEMENTS // out.shape[-1])
         try:
-            for start in range(0, n_rows, step):
+            for start in range(0, len(out), step):
                 out[start : start + step] = gguf_quants.dequantize(data[start : start + step], info.ggml_type)
         except NotImplementedError:
             raise UnsupportedModelError(
@@ -398,7 +426,13 @@ class GGUFFile:
                 f"tensor {info.name!r} has type {info.ggml_type.name}, "
                 "which the gguf package cannot dequantize",
             ) from None
-        return out.reshape(shape)
+
+    def _release(self, offset: int, nbytes: int) -> None:
+        """Drop the map's pages over ``offset .. offset + nbytes`` from this process's memory."""
+        start = offset - offset % mmap.PAGESIZE
+        length = offset + nbytes - start
+        if hasattr(self._map, "madvise") and length > 0:
+            self._map.madvise(mmap.MADV_DONTNEED, start, min(length, self.size - start))
 
     def close(self) -> None:
         try:

@@ -8,7 +8,9 @@ For each chosen layer and every position of every calibration prompt:
   (what the errors of all earlier layers add up to: the brief's failure hides here);
 - blame: the layer run isolated with one tensor quantized at a time; each tensor's share of the
   layer's loss (1 - cosine, summed over positions) says which tensor to give more bits. An
-  expert bank is one tensor here, whether its experts are quantized alone or together.
+  expert bank is one tensor here, whether its experts are quantized alone or together. Blame
+  re-runs the layer once per tensor (on an MoE layer, every routed expert each time), so the
+  pre-flight gate blames only the layers that fail it (``blame_below``).
 
 Prompts are processed one at a time, each from its own ``embed``: a Gemma 4 layer may read
 per-sequence state besides its input (per-layer embeddings, keys and values shared from an
@@ -120,8 +122,10 @@ def validate_layers(
     layers: Sequence[int],
     with_blame: bool = True,
     progress: Callable[[str], None] | None = None,
+    blame_below: float | None = None,
 ) -> list[LayerCheck]:
-    """Isolated and cumulative cosine (and blame) for each of ``layers``."""
+    """Isolated and cumulative cosine (and blame) for each of ``layers``; with ``blame_below``,
+    blame only the layers whose isolated or cumulative minimum falls below it."""
     layers = sorted(layers)
     step = progress or (lambda _: None)
     step("exact reference")
@@ -142,8 +146,10 @@ def validate_layers(
 
     checks = []
     for il in layers:
-        blame = _blame(gguf, weights, il, token_lists, states, step) if with_blame else []
-        checks.append(LayerCheck(il, np.concatenate(isolated[il]), np.concatenate(cumulative[il]), blame))
+        check = LayerCheck(il, np.concatenate(isolated[il]), np.concatenate(cumulative[il]), [])
+        if with_blame and (blame_below is None or not check.passed(blame_below)):
+            check.blame = _blame(gguf, weights, il, token_lists, states, step)
+        checks.append(check)
     return checks
 
 
@@ -163,11 +169,10 @@ def _blame(gguf, weights: RecipeWeights, il: int, token_lists, states, step) -> 
     total = sum(losses.values())
     rows = []
     for name in sorted(tensors, key=lambda n: -losses[n]):
-        compressed = weights.compressed(name)
         rows.append({
             "tensor": name,
             "format": weights.recipe.format_for(name).spec,
-            "bits_per_weight": float(compressed.bits_per_weight),
+            "bits_per_weight": float(weights.bits_per_weight(name)),
             "min_cosine": minimums[name],
             "share": losses[name] / total if total > 0 else 0.0,
         })

@@ -1,0 +1,105 @@
+"""``convert`` on the synthetic MoE model: the artifact check compares the shards with the
+reference on the same weights routed as the shards routed, reports every position where the
+shards chose other experts, and each such choice is a near-tie; the build reuses the experts
+the gate quantized, from memory or from the expert store on disk."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from anepack import synth
+from anepack.convert import MIN_ARTIFACT_COSINE, ConvertOptions, convert
+from anepack.golden import load_prompts
+from anepack.quant import QuantizedTensor, parse_format, quantize
+from anepack.source import open_gguf
+from anepack.tokenizer import Tokenizer
+from anepack.validate.expert_store import ExpertStore
+from anepack.validate.recipes import parse_recipe
+from anepack.validate.run import ValidationContext, gate_run
+from anepack.validate.weights import RecipeWeights, dequantized_expert
+
+RECIPE = """
+name = "moe-lut4-experts"
+[[rule]]
+tensors = "*_exps.weight"
+format = "lut4-g16"
+[[rule]]
+tensors = "*"
+format = "int8-channel"
+"""
+# Longer prompts than the shard tests': more routed positions, so near-ties occur.
+PROMPTS = ("prose", "code", "list")
+
+
+@pytest.fixture(scope="module")
+def gguf(tmp_path_factory):
+    dims, _ = synth.preset("gemma4", "moe")
+    path = synth.write_synthetic_gguf(tmp_path_factory.mktemp("moe-convert") / "moe.gguf", "gemma4", seed=1, **dims)
+    with open_gguf(path) as opened:
+        yield opened
+
+
+def test_artifact_check_routes_the_reference_as_the_shards_did(gguf, tmp_path):
+    known = {prompt.name: prompt.text for prompt in load_prompts()}
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"name": name, "text": known[name]}) + "\n" for name in PROMPTS))
+    options = ConvertOptions(chunk=16, context=128, gate_sample=2, force=True, use_importance=False)
+    record = convert(gguf, parse_recipe(RECIPE), tmp_path / "shards", options, prompts)
+
+    artifact = record["artifact"]
+    assert artifact["min_cosine"] >= MIN_ARTIFACT_COSINE, artifact
+    routing = artifact["routing"]
+    with Tokenizer(gguf.path) as tokenizer:
+        tokens = sum(len(tokenizer.encode(known[name])) for name in PROMPTS)
+    assert routing["positions"] == sum(gguf.config.moe_layers) * tokens
+    # These prompts do reach near-ties (4 of 704 positions measured), so the forcing is exercised.
+    assert routing["differing"] > 0 and routing["near_ties"] == routing["differing"], routing
+    assert any(note.startswith("routing: the shards chose other experts") for note in record["notes"])
+
+
+def test_experts_are_quantized_once_and_served_alike_from_memory_or_disk(gguf, tmp_path):
+    """An expert cut from the cached bank, read back from the expert store, or quantized alone
+    has the same stored arrays, and dequantizes to the same weight."""
+    bank = "blk.1.ffn_down_exps.weight"
+    alone = RecipeWeights(gguf, parse_recipe(RECIPE)).quantized_expert(bank, 5)
+    cached = RecipeWeights(gguf, parse_recipe(RECIPE))
+    whole = cached.compressed(bank)
+    reused = cached.quantized_expert(bank, 5)
+    assert np.shares_memory(reused.indices, whole.indices)  # a view of the gate's bank, not a copy
+    store = ExpertStore(tmp_path)
+    stored = RecipeWeights(gguf, parse_recipe(RECIPE), expert_store=store)
+    from_disk = stored.quantized_expert(bank, 5)
+    for expert in (reused, from_disk):
+        np.testing.assert_array_equal(alone.indices, expert.indices)
+        np.testing.assert_array_equal(alone.lut, expert.lut)
+    np.testing.assert_array_equal(stored.expert(bank, 5), cached.expert(bank, 5))
+    np.testing.assert_array_equal(stored.compressed(bank).indices, whole.indices)
+    assert stored.bits_per_weight(bank) == whole.bits_per_weight
+    store.close()
+    assert not store.directory.exists()
+
+
+@pytest.mark.parametrize("spec", ["lut4-g16", "lut3-g8", "lut4-tensor", "lut4-g16-int8lut", "int8-channel"])
+def test_expert_float32_lookup_equals_lut_to_dense(spec):
+    weight = np.random.default_rng(7).standard_normal((64, 96)).astype(np.float32)
+    stored = quantize(weight, parse_format(spec))
+    expected = stored.dequantize().astype(np.float32)
+    np.testing.assert_array_equal(dequantized_expert(QuantizedTensor.stack([stored])), expected)
+
+
+def test_the_gate_blames_only_the_layers_that_fail(gguf, tmp_path):
+    known = {prompt.name: prompt.text for prompt in load_prompts()}
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"name": "short", "text": known["short"]}) + "\n")
+    context = ValidationContext.prepare(gguf, prompts, use_importance=False)
+    damaged = parse_recipe('name = "damaged"\n[[rule]]\ntensors = "blk.2.ffn_down_exps.weight"\n'
+                           'format = "lut1-tensor"\n[[rule]]\ntensors = "*"\nformat = "fp16"\n')
+    gate = gate_run(context, damaged, sample=4, min_layer_cosine=0.99)
+    by_layer = {layer["layer"]: layer for layer in gate["layers"]}
+    failing = [il for il, layer in by_layer.items() if not layer["passed"]]
+    assert 2 in failing and 0 not in failing  # layer 0 runs before the damage, exactly
+    assert all(bool(layer["blame"]) == (il in failing) for il, layer in by_layer.items())
+    assert by_layer[2]["blame"][0]["tensor"] == "blk.2.ffn_down_exps.weight"
