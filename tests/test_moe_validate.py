@@ -4,8 +4,10 @@ importance per expert, and the layer and golden validators on MoE and E2B-style 
 The synthetic MoE model is the ``moe`` preset (4 layers, hidden 256, 16 experts, top-4, a dense
 MLP beside them), validated on three short prompts to stay lean. The brief's full story (every
 layer above 0.95 yet the stack failing, while LUT4 per expert passes) does not reproduce on it:
-its golden check fails even near-lossless banks (benchmarks/brief_story_moe.py, lut8-g16 row),
-so only what the validators can tell apart on it is asserted here.
+with the expert statistics measured on Gemma 3 270M (synth's docstring), LUT4 per expert,
+importance-weighted, still fails the golden check (benchmarks/brief_story_moe.py: worst logit
+cosine 0.922, top-1 0.80 pooled) and one int8 scale per bank drops layer 0, which rewrites the
+stream, to 0.83 in isolation; so only what the validators can tell apart on it is asserted here.
 """
 
 from __future__ import annotations
@@ -89,7 +91,7 @@ def test_per_tensor_format_scales_the_whole_bank_and_granularity_is_the_cause(mo
             np.testing.assert_array_equal(whole.expert(bank, e), one_scale[e])
             np.testing.assert_array_equal(per_expert.expert(bank, e), own_scales[e])
         lut4_bank = np.stack([lut4.expert(bank, e) for e in range(N_EXPERTS)])
-        # measured on this model: whole bank 9.8-15.1 dB, per expert 16.0-21.1 dB, LUT4 17.2-18.5 dB
+        # measured on this model: whole bank 8.9-15.2 dB, per expert 17.9-24.6 dB, LUT4 18.1-18.8 dB
         assert sqnr_db(exact, own_scales) > sqnr_db(exact, one_scale) + 4.0, bank
         assert sqnr_db(exact, lut4_bank) > sqnr_db(exact, one_scale) + 2.0, bank
 
@@ -160,9 +162,10 @@ def test_one_scale_over_the_bank_is_what_the_layer_validator_catches(moe):
     whole = layers_run(context, int8_banks, [0, 1, 2, 3], with_blame=False)
     per_expert = layers_run(context, int8_banks, [0, 1, 2, 3], with_blame=False,
                             weights=RecipeWeights(gguf, int8_banks, whole_banks=False))
-    # measured isolated mean: whole banks 0.954-0.978, per expert 0.991-0.993, at every layer
+    # measured isolated mean: whole banks 0.932-0.990, per expert 0.996-0.999: one scale over the
+    # bank costs each layer 6-17 times the error (1 - cosine) of a scale per expert
     for one_scale, own_scales in zip(whole["layers"], per_expert["layers"]):
-        assert one_scale["isolated_mean"] < own_scales["isolated_mean"] - 0.01
+        assert 1 - one_scale["isolated_mean"] > 3 * (1 - own_scales["isolated_mean"])
     assert min(layer["isolated_min"] for layer in per_expert["layers"]) > 0.95
     assert not golden_run(context, int8_banks)["passed"]
 

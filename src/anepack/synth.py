@@ -4,10 +4,31 @@ One frozen dataclass of dimensions per architecture says what the model looks li
 hyperparameter keys and its tensor plan (llama.cpp's names and shapes). Weights are drawn
 per tensor from a generator seeded by (seed, tensor name), with the statistics of real
 checkpoints: Student-t tails, a few boosted input channels per linear weight, and positive
-norm gains; expert banks are drawn expert by expert, each with its own scale and rare large
-outliers. Files are written tensor by tensor, so a real-size gemma4 bank is the most memory a
+norm gains. Files are written tensor by tensor, so a real-size gemma4 bank is the most memory a
 write needs. The vocabulary is a sentencepiece-style ("llama" tokenizer model) list with
 control tokens, the 256 byte-fallback tokens and scored pieces, so any UTF-8 text tokenizes.
+
+Gemma 4 models also carry the statistics the brief's section 1 is about, each for a reason:
+- expert banks drawn expert by expert, each expert with its own log-normal weight scale and
+  rare single weights 40-100x its RMS, so one per-tensor scale over a bank is set by a handful
+  of values; the scale multiplies an expert's gate/up weights and its down weights to the
+  power -2, so every expert's output keeps the same size (GeGLU is nearly invariant under
+  that rescaling, which training leaves free) and no expert dominates the routed sum;
+- within an expert, output rows of log-normal RMS and input columns of even RMS, and the
+  experts' input norm (pre_ffw_norm_2) with widely spread gains, so that a few channels hold
+  most of the experts' input energy, both as measured on Gemma 3 270M (see the constants):
+  this is what importance-weighted clustering, calibrated per expert, exploits;
+- a router whose logits have a standard deviation of ROUTER_LOGIT_STD: top-k weights are
+  skewed (the k-th expert, where swaps happen, carries a few percent);
+- post-norm gains per layer aimed at the residual stream of Gemma 3 270M (measured): the first
+  layer rewrites the embedding, later ones add about a third of the stream (the moe preset
+  measures 3.7 at layer 0, then medians of 0.45-0.57: layer_output_scale's spread adds to it).
+Matrices are random, so a weight error reaches a matrix's output undiminished, as in a trained
+model: on Gemma 3 270M's own activations, |Wx|^2 / (|W|_F^2 |x|^2 / n_in) has medians of 0.4-2.1
+by matrix kind (0.9-1.1 here), so LUT4's 17-19 dB per matrix is about 22% error after an expert's
+gate, up and down. Not synthesized: peaked next-token distributions (moe preset: mean top-1
+probability 0.25, median top-1 margin 0.66; Gemma 3 270M 0.51 and 1.29), and the few dominant
+input channels of attention and the dense MLP (their inputs keep even channel energies).
 Adding an architecture means adding one dims class and registering it in ARCHITECTURES.
 """
 
@@ -195,8 +216,12 @@ class TensorPlan:
 
     name: str
     shape: tuple[int, ...]
-    kind: str  # a key of SAMPLERS
+    kind: str  # a key of SAMPLERS, or "experts"
     gain: float = 1.0
+    # Expert banks: each expert is scaled by s_e ** expert_scale_power, s_e drawn once per layer
+    # (seeded by `expert_scales_from`), so a layer's banks share their experts' scales.
+    expert_scale_power: float = 1.0
+    expert_scales_from: str = ""
 
 
 def _tensor_name(tensor: MODEL_TENSOR, layer: int | None = None) -> str:
@@ -341,17 +366,29 @@ class LlamaDims:
 
 # Gemma 4's router reads a unit-RMS input (RMSNorm / sqrt(n_embd) * ffn_gate_inp.scale, the scale
 # around sqrt(n_embd)); router weights of this gain give logits of this standard deviation, so
-# softmax routing is peaked and top-k choices are not near-ties.
-ROUTER_LOGIT_STD = 2.0
-# layer_output_scale multiplies the whole residual stream; values around this keep later layers'
-# contributions large relative to the stream, as in the real models.
-OUTPUT_SCALE_GAIN = 0.6
-# Expert banks: each expert's weights scaled by its own log-normal factor (about 6x between the
-# extremes of 128 experts), and rare single weights 40-100x the expert's RMS, so that one
+# softmax routing is peaked (moe preset: top-4 mass 0.93) and a swap at the k-th slot, where
+# near-ties happen, moves little weight.
+ROUTER_LOGIT_STD = 3.0
+# The residual stream: the first layer rewrites the embedding, later layers each add a fraction of
+# the stream (Gemma 3 270M on the golden prompts: |h_l+1 - h_l| / |h_l| 4.8 and 7.0 at layers 0
+# and 1, then 0.13-0.77, median 0.35). Post-norm gains are set per layer to give these ratios, and
+# layer_output_scale stays around 1 so the stream keeps what earlier layers wrote.
+FIRST_LAYER_UPDATE_RATIO = 5.0
+LAYER_UPDATE_RATIO = 0.35
+OUTPUT_SCALE_GAIN = 1.0
+# Expert banks: each expert's weights scaled by its own log-normal factor s (about 6x between the
+# extremes of 128 experts; down weights by s**-2), and rare single weights 40-100x the expert's RMS, so that one
 # per-tensor scale over a bank is set by a handful of values (the failure the brief describes).
 EXPERT_SCALE_SPREAD = 0.35
 EXPERT_OUTLIER_RATE = 1e-5
 EXPERT_OUTLIER_SIZE = (40.0, 100.0)
+# Within an expert, measured on Gemma 3 270M's FFN matrices: output rows' RMS varies (log-std 0.09-0.37
+# by matrix) while input columns' barely does (0.10-0.21, no boosted columns), and the input energy
+# sits in a few channels (the top 1% of channels hold 17-48% of gate/up inputs' energy, the top 10%
+# 43-61%). Expert weights get this row spread; the experts' input norm (pre_ffw_norm_2) gets gains
+# of this log-normal spread, which puts about 20% of the energy in the top 1% and 60% in the top 10%.
+EXPERT_ROW_SCALE_SPREAD = 0.2
+EXPERT_INPUT_GAIN_SPREAD = 0.8
 # The partial rotation of Gemma 4's global layers: llama.cpp's converter writes rope_freqs with
 # 1 for the pairs that rotate and this factor (angle / 1e30: no rotation) for the others.
 UNROTATED_FREQ_FACTOR = 1e30
@@ -433,6 +470,17 @@ class Gemma4Dims:
     def layer_n_ff(self, layer: int) -> int:
         wide = self.double_wide_shared_mlp and layer >= self.first_shared_layer
         return 2 * self.n_ff if wide else self.n_ff
+
+    def post_norm_gains(self) -> list[float]:
+        """Per layer, the post-attention and post-FFN norm gain giving the update ratios above."""
+        stream = LOGIT_STD  # RMS of an embedding row after the sqrt(n_embd) scale
+        gains = []
+        for il in range(self.n_layer):
+            ratio = FIRST_LAYER_UPDATE_RATIO if il == 0 else LAYER_UPDATE_RATIO
+            # two post-normed branches of RMS `gain` each, nearly orthogonal to the stream and each other
+            gains.append(ratio * stream / math.sqrt(2))
+            stream *= math.sqrt(1 + ratio**2)
+        return gains
 
     def problems(self) -> list[str]:
         problems = _attention_problems(self) + _positive_problems(
@@ -516,6 +564,7 @@ class Gemma4Dims:
 
     def _layer_plan(self, il: int) -> list[TensorPlan]:
         embd, hd, n_ff = self.n_embd, self.layer_head_dim(il), self.layer_n_ff(il)
+        update_gain = self.post_norm_gains()[il]
         q_dim, kv_dim = self.n_head * hd, self.layer_n_head_kv(il) * hd
         # Gemma 4 does not scale queries (attention scale 1): q and k norm gains of
         # head_dim**-0.25 give scores of unit scale, as Gemma 3's 1/sqrt(head_dim) does. With
@@ -536,12 +585,12 @@ class Gemma4Dims:
                 plan.append(TensorPlan(_tensor_name(MODEL_TENSOR.ATTN_V, il), (kv_dim, embd), "linear"))
         plan += [
             TensorPlan(_tensor_name(MODEL_TENSOR.ATTN_OUT, il), (embd, q_dim), "linear"),
-            TensorPlan(_tensor_name(MODEL_TENSOR.ATTN_POST_NORM, il), (embd,), "norm", POST_NORM_GAIN),
+            TensorPlan(_tensor_name(MODEL_TENSOR.ATTN_POST_NORM, il), (embd,), "norm", update_gain),
             TensorPlan(_tensor_name(MODEL_TENSOR.FFN_NORM, il), (embd,), "norm"),
             TensorPlan(_tensor_name(MODEL_TENSOR.FFN_GATE, il), (n_ff, embd), "linear"),
             TensorPlan(_tensor_name(MODEL_TENSOR.FFN_UP, il), (n_ff, embd), "linear"),
             TensorPlan(_tensor_name(MODEL_TENSOR.FFN_DOWN, il), (embd, n_ff), "linear"),
-            TensorPlan(_tensor_name(MODEL_TENSOR.FFN_POST_NORM, il), (embd,), "norm", POST_NORM_GAIN),
+            TensorPlan(_tensor_name(MODEL_TENSOR.FFN_POST_NORM, il), (embd,), "norm", update_gain),
             TensorPlan(_tensor_name(MODEL_TENSOR.LAYER_OUT_SCALE, il), (1,), "norm", OUTPUT_SCALE_GAIN),
         ]
         if self.n_expert:
@@ -561,20 +610,26 @@ class Gemma4Dims:
         plan = [
             TensorPlan(f"{router}.weight", (n_expert, embd), "linear", ROUTER_LOGIT_STD),
             TensorPlan(f"{router}.scale", (embd,), "norm", math.sqrt(embd)),
-            TensorPlan(_tensor_name(MODEL_TENSOR.FFN_PRE_NORM_2, il), (embd,), "norm"),
+            TensorPlan(_tensor_name(MODEL_TENSOR.FFN_PRE_NORM_2, il), (embd,), "input_norm"),
             TensorPlan(_tensor_name(MODEL_TENSOR.FFN_POST_NORM_1, il), (embd,), "norm"),
             TensorPlan(_tensor_name(MODEL_TENSOR.FFN_POST_NORM_2, il), (embd,), "norm"),
         ]
+        scales = f"blk.{il}.expert_scales"
         if self.fused_gate_up:
             plan.append(TensorPlan(_tensor_name(MODEL_TENSOR.FFN_GATE_UP_EXP, il), (n_expert, 2 * n_ff_exp, embd),
-                                   "experts"))
+                                   "experts", expert_scales_from=scales))
         else:
             plan += [
-                TensorPlan(_tensor_name(MODEL_TENSOR.FFN_GATE_EXP, il), (n_expert, n_ff_exp, embd), "experts"),
-                TensorPlan(_tensor_name(MODEL_TENSOR.FFN_UP_EXP, il), (n_expert, n_ff_exp, embd), "experts"),
+                TensorPlan(_tensor_name(MODEL_TENSOR.FFN_GATE_EXP, il), (n_expert, n_ff_exp, embd), "experts",
+                           expert_scales_from=scales),
+                TensorPlan(_tensor_name(MODEL_TENSOR.FFN_UP_EXP, il), (n_expert, n_ff_exp, embd), "experts",
+                           expert_scales_from=scales),
             ]
         plan += [
-            TensorPlan(f"{down}.weight", (n_expert, embd, n_ff_exp), "experts"),
+            # GELU(s g) * (s u) is about s**2 GELU(g) * u (GELU is nearly positively homogeneous),
+            # so down weights scaled by s**-2 keep every expert's output at the same size.
+            TensorPlan(f"{down}.weight", (n_expert, embd, n_ff_exp), "experts", expert_scale_power=-2.0,
+                       expert_scales_from=scales),
             TensorPlan(f"{down}.scale", (n_expert,), "norm"),
         ]
         return plan
@@ -664,6 +719,13 @@ def _linear(rng: np.random.Generator, shape: tuple[int, ...], gain: float) -> np
     return weight * (gain / math.sqrt(n_in - channels.size + float(np.sum(boost**2))))
 
 
+def _expert_linear(rng: np.random.Generator, shape: tuple[int, ...], gain: float) -> np.ndarray:
+    """Heavy-tailed weight with log-normal row scales; unit-RMS input gives output std `gain` on average."""
+    row_scales = np.exp(EXPERT_ROW_SCALE_SPREAD * rng.standard_normal((shape[0], 1)))
+    mean_square_scale = math.exp(2 * EXPERT_ROW_SCALE_SPREAD**2)  # E[row_scale**2] of a log-normal
+    return _student_t(rng, shape) * row_scales * (gain / math.sqrt(shape[-1] * mean_square_scale))
+
+
 def _embedding(rng: np.random.Generator, shape: tuple[int, ...], gain: float) -> np.ndarray:
     # No outlier columns: a boosted hidden dim would dominate every tied-head logit row alike.
     return _student_t(rng, shape) * (gain / math.sqrt(shape[-1]))
@@ -680,11 +742,22 @@ def _rope_freqs(rng: np.random.Generator, shape: tuple[int, ...], gain: float) -
     return np.concatenate([np.ones(rotated), np.full(shape[0] - rotated, UNROTATED_FREQ_FACTOR)])
 
 
-SAMPLERS = {"linear": _linear, "embedding": _embedding, "norm": _norm, "rope_freqs": _rope_freqs}
+def _input_norm(rng: np.random.Generator, shape: tuple[int, ...], gain: float) -> np.ndarray:
+    # Gains of RMS `gain` that put most of the normed input's energy in a few channels.
+    gains = np.exp(EXPERT_INPUT_GAIN_SPREAD * rng.standard_normal(shape))
+    return gain * gains / np.sqrt(np.mean(gains**2))
+
+
+SAMPLERS = {"linear": _linear, "embedding": _embedding, "norm": _norm, "input_norm": _input_norm,
+            "rope_freqs": _rope_freqs}
+
+
+def _named_rng(name: str, seed: int, *stream: int) -> np.random.Generator:
+    return np.random.default_rng([seed, zlib.crc32(name.encode()), *stream])
 
 
 def _rng(plan: TensorPlan, seed: int, *stream: int) -> np.random.Generator:
-    return np.random.default_rng([seed, zlib.crc32(plan.name.encode()), *stream])
+    return _named_rng(plan.name, seed, *stream)
 
 
 def synthesize_tensor(plan: TensorPlan, seed: int) -> np.ndarray:
@@ -697,12 +770,15 @@ def synthesize_tensor(plan: TensorPlan, seed: int) -> np.ndarray:
 def synthesize_expert(plan: TensorPlan, seed: int, index: int) -> np.ndarray:
     """Expert `index` of a planned bank ``[E, out, in]`` alone, float32 ``[out, in]``.
 
-    A heavy-tailed linear weight times the expert's own log-normal scale, with rare single
-    weights EXPERT_OUTLIER_SIZE times the expert's RMS; the bank is the stack of its experts.
+    A heavy-tailed weight with log-normal row scales (EXPERT_ROW_SCALE_SPREAD) times the
+    expert's own log-normal scale (to the plan's power), with rare single weights
+    EXPERT_OUTLIER_SIZE times the expert's RMS; the bank is the stack of its experts.
     """
-    scale = np.exp(EXPERT_SCALE_SPREAD * _rng(plan, seed).standard_normal(plan.shape[0]))[index]
+    scales_rng = _named_rng(plan.expert_scales_from or plan.name, seed)
+    log_scale = EXPERT_SCALE_SPREAD * scales_rng.standard_normal(plan.shape[0])[index]
+    scale = np.exp(plan.expert_scale_power * log_scale)
     rng = _rng(plan, seed, index + 1)
-    weight = _linear(rng, plan.shape[1:], plan.gain * float(scale))
+    weight = _expert_linear(rng, plan.shape[1:], plan.gain * float(scale))
     count = rng.poisson(EXPERT_OUTLIER_RATE * weight.size)
     where = rng.integers(0, weight.size, size=count)
     signs = rng.choice([-1.0, 1.0], size=count)
