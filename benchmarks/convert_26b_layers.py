@@ -27,7 +27,6 @@ import resource
 import tempfile
 import threading
 import time
-from pathlib import Path
 
 from anepack.convert import ConvertOptions, convert
 from anepack.source.gguf_file import open_gguf

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from anepack.reference.common import Precision, attention, attention_mask, rms_norm, rope
+from anepack.reference.common import attention, attention_mask, rms_norm, rope
 from anepack.reference.model import ReferenceModel
 from anepack.source.config import Gemma3Config
 from anepack.source.weights import EMBEDDING, LM_HEAD

@@ -110,9 +110,6 @@ def search_recipe(
 
     exact_final = [normed(s[-1]) for s in states]
 
-    def run_layer(model, il: int, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        return [model.layer(il, x) for x in inputs]
-
     def cosines(outputs, il: int) -> np.ndarray:
         return np.concatenate([rowwise_cosine(s[il + 1], out) for s, out in zip(states, outputs)])
 
@@ -122,15 +119,15 @@ def search_recipe(
     # quantized-stack inputs per layer under the current assignment; index il = input to layer il
     current = [[s[il] for s in states] for il in range(config.n_layers + 1)]
 
-    def run_from(il_start: int, trial: dict[str, Format], inputs) -> tuple[float, float, list[list[np.ndarray]]]:
-        """(worst layer cosine, worst final cosine, per-layer outputs) from ``il_start`` on."""
+    def run_from(il_start: int, trial: dict[str, Format], inputs) -> tuple[float, np.ndarray, list[list[np.ndarray]]]:
+        """(worst layer cosine, final-state cosine per position, per-layer outputs) from ``il_start`` on."""
         model = build(config, cache.source(trial))
         worst, hidden, new_states = 1.0, inputs, []
         for il in range(il_start, config.n_layers):
-            hidden = run_layer(model, il, hidden)
+            hidden = [model.layer(il, x) for x in hidden]
             new_states.append(hidden)
             worst = min(worst, float(cosines(hidden, il).min()))
-        return worst, float(final_cosines(hidden).min()), new_states
+        return worst, final_cosines(hidden), new_states
 
     # The order needs each tensor's end-to-end damage at the cheapest candidate only.
     cheapest = ladder[0]
@@ -138,14 +135,11 @@ def search_recipe(
     for count, tensor in enumerate(layer_tensors, start=1):
         il = tensor_layer(tensor)
         step(f"scoring {count}/{len(layer_tensors)} {tensor} at {cheapest.spec}")
-        model = build(config, cache.source({tensor: cheapest}))
-        hidden = [s[il] for s in states]
-        for layer in range(il, config.n_layers):
-            hidden = run_layer(model, layer, hidden)
-        alone[tensor] = float(np.sum(1.0 - final_cosines(hidden)))
+        final = run_from(il, {tensor: cheapest}, [s[il] for s in states])[1]
+        alone[tensor] = float(np.sum(1.0 - final))
 
-    def keeps_targets(worst_layer: float, worst_final: float) -> bool:
-        return worst_layer >= min_layer_cosine and (min_final_cosine is None or worst_final >= min_final_cosine)
+    def keeps_targets(worst_layer: float, final: np.ndarray) -> bool:
+        return worst_layer >= min_layer_cosine and (min_final_cosine is None or float(final.min()) >= min_final_cosine)
 
     assignment: dict[str, Format] = {}
     order = sorted(layer_tensors, key=lambda t: alone[t])
