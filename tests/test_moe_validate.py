@@ -2,12 +2,13 @@
 importance per expert, and the layer and golden validators on MoE and E2B-style models.
 
 The synthetic MoE model is the ``moe`` preset (4 layers, hidden 256, 16 experts, top-4, a dense
-MLP beside them), validated on three short prompts to stay lean. The brief's full story (every
-layer above 0.95 yet the stack failing, while LUT4 per expert passes) does not reproduce on it:
-with the expert statistics measured on Gemma 3 270M (synth's docstring), LUT4 per expert,
-importance-weighted, still fails the golden check (benchmarks/brief_story_moe.py: worst logit
-cosine 0.922, top-1 0.80 pooled) and one int8 scale per bank drops layer 0, which rewrites the
-stream, to 0.83 in isolation; so only what the validators can tell apart on it is asserted here.
+MLP beside them, and Gemma 3 270M's anisotropy: massive residual channels, a shared embedding
+row), validated on three short prompts to stay lean. The first half of the brief's story
+reproduces on it and is asserted: with one int8 scale per expert bank, every sampled layer stays
+above hidden cosine 0.95 while the stack fails the golden check. The second half does not: LUT4
+per expert, importance-weighted, also fails the golden check (benchmarks/brief_story_moe.py, seeds
+1-3: worst logit cosine 0.950-0.966, top-1 agreement 0.73-0.88 pooled), as LUT4 on every FFN
+matrix of Gemma 3 270M does (top-1 0.74), so it is not asserted; LUT6 per expert passes.
 """
 
 from __future__ import annotations
@@ -153,21 +154,26 @@ def test_validators_run_on_the_moe_model(moe):
     blame = damaged["layers"][0]["blame"]
     assert blame[0]["tensor"] == "blk.1.ffn_down_exps.weight" and blame[0]["share"] > 0.9
     assert blame[0]["format"] == "lut1-tensor" and blame[0]["bits_per_weight"] < 1.1
-    assert damaged["layers"][0]["isolated_min"] < 0.99
+    # measured 0.992: the massive channels, 95% of the stream's energy, hide most of a layer's damage
+    assert damaged["layers"][0]["isolated_min"] < 0.999
 
 
-def test_one_scale_over_the_bank_is_what_the_layer_validator_catches(moe):
+def test_one_scale_per_bank_keeps_every_layer_above_095_yet_fails_the_stack(moe):
+    """The brief's section 1: single layers look acceptable, the full stack fails the golden check."""
     gguf, context = moe
     int8_banks = recipe(("*_exps.weight", "int8-tensor"))
     whole = layers_run(context, int8_banks, [0, 1, 2, 3], with_blame=False)
     per_expert = layers_run(context, int8_banks, [0, 1, 2, 3], with_blame=False,
                             weights=RecipeWeights(gguf, int8_banks, whole_banks=False))
-    # measured isolated mean: whole banks 0.932-0.990, per expert 0.996-0.999: one scale over the
-    # bank costs each layer 6-17 times the error (1 - cosine) of a scale per expert
+    # measured isolated minimum 0.965-0.997 (the brief's real layers: 0.9555-0.9999)
+    assert min(layer["isolated_min"] for layer in whole["layers"]) > 0.95
+    golden = golden_run(context, int8_banks)
+    # measured: worst per-position logit cosine 0.76, top-1 agreement 0.24
+    assert not golden["passed"] and golden["top1_pooled"] < 0.9
+    # the layer validator still tells the cause apart: measured isolated 1 - mean cosine 4-16 times
+    # that of a scale per expert
     for one_scale, own_scales in zip(whole["layers"], per_expert["layers"]):
         assert 1 - one_scale["isolated_mean"] > 3 * (1 - own_scales["isolated_mean"])
-    assert min(layer["isolated_min"] for layer in per_expert["layers"]) > 0.95
-    assert not golden_run(context, int8_banks)["passed"]
 
 
 def test_layer_validator_runs_e2b_style_models_prompt_by_prompt(tmp_path):
