@@ -7,7 +7,8 @@ with the step where it sits, against reading and dequantizing the same tensors i
 
 Baseline: every tensor of a layer read from the GGUF and dequantized to float32, expert by
 expert: the floor of any conversion; beside it, quantizing a layer's experts in the recipe's
-formats (from a sample of experts), which convert does once, on first use, in the gate.
+formats, weighted by the calibration's importance (from a sample of experts), which convert does
+once, on first use, in the gate.
 Convert's steps are timed through its progress callback: calibration, the pre-flight gate,
 each package of the build, the checks through the shards.
 Memory is sampled from /proc/self/status every 0.2 s (resident, anonymous, file pages).
@@ -22,6 +23,7 @@ full model in under 45 minutes on this 2-core machine, peak memory under 4 GB.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import resource
 import tempfile
@@ -31,6 +33,7 @@ import time
 from anepack.convert import ConvertOptions, convert
 from anepack.source.gguf_file import open_gguf
 from anepack.validate.recipes import load_recipe
+from anepack.validate.run import calibrate
 from anepack.validate.weights import RecipeWeights
 
 REAL_LAYERS = 30
@@ -53,10 +56,11 @@ def read_and_dequantize(gguf, il: int) -> float:
     return time.perf_counter() - started
 
 
-def quantize_experts(gguf, recipe, il: int, sample: int = 8) -> float:
-    """Seconds to quantize all of layer ``il``'s experts in the recipe's formats, from ``sample``
-    experts of each bank (every expert of a bank has the same shape and format)."""
-    weights = RecipeWeights(gguf, recipe)
+def quantize_experts(gguf, recipe, importance, il: int, sample: int = 8) -> float:
+    """Seconds to quantize all of layer ``il``'s experts in the recipe's formats, weighted by the
+    calibration's importance as convert weighs them, from ``sample`` experts of each bank (every
+    expert of a bank has the same shape and format)."""
+    weights = RecipeWeights(gguf, recipe, importance)
     seconds = 0.0
     for name, info in gguf.tensors.items():
         if name.startswith(f"blk.{il}.") and len(info.shape) == 3 and name in weights.quantizable:
@@ -116,7 +120,8 @@ def main() -> None:
     with open_gguf(args.model) as gguf, tempfile.TemporaryDirectory() as scratch:
         layers = gguf.config.n_layers
         baseline = [read_and_dequantize(gguf, il) for il in range(layers)]
-        quantizing = [quantize_experts(gguf, recipe, il) for il in range(layers)]
+        importance = calibrate(gguf)
+        quantizing = [quantize_experts(gguf, recipe, importance, il) for il in range(layers)]
         baseline_peak = memory_mb()["VmRSS"]
 
         # (seconds, message) at each progress step: a step lasts until the next one.
@@ -168,6 +173,8 @@ def main() -> None:
           f"{build_only / 60:.1f} min)   target: < 45 min")
     artifact = record["artifact"]
     print(f"artifact vs simulation min cosine {artifact['min_cosine']:.6f}; routing {artifact.get('routing')}")
+    # The machine is shared: the load says how far the seconds above are from an idle run's.
+    print("load average (1, 5, 15 min) at the end: " + ", ".join(f"{load:.1f}" for load in os.getloadavg()))
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS {peak_mb:.0f} MB (read+dequantize alone {baseline_peak:.0f} MB)   target: < 4096 MB")
     print(f"sampled peak {watch.peak['VmRSS']:.0f} MB ({watch.peak.get('RssAnon', 0):.0f} anonymous, "

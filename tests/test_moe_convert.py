@@ -97,7 +97,9 @@ def test_the_gate_blames_only_the_layers_that_fail(gguf, tmp_path):
     context = ValidationContext.prepare(gguf, prompts, use_importance=False)
     damaged = parse_recipe('name = "damaged"\n[[rule]]\ntensors = "blk.2.ffn_down_exps.weight"\n'
                            'format = "lut1-tensor"\n[[rule]]\ntensors = "*"\nformat = "fp16"\n')
-    gate = gate_run(context, damaged, sample=4, min_layer_cosine=0.99)
+    # 0.999: the moe preset's massive residual channels (95% of the stream's energy) hide most of
+    # a layer's damage; a 1-bit bank measures about 0.992 in isolation
+    gate = gate_run(context, damaged, sample=4, min_layer_cosine=0.999)
     by_layer = {layer["layer"]: layer for layer in gate["layers"]}
     failing = [il for il, layer in by_layer.items() if not layer["passed"]]
     assert 2 in failing and 0 not in failing  # layer 0 runs before the damage, exactly

@@ -91,14 +91,19 @@ def _prompts(out) -> list[np.ndarray]:
 
 
 def test_moe_shards_match_the_reference_through_host_routing(moe):
+    """All prompts run together (``prompt_logits``, each expert once per layer for every
+    prompt's tokens, as convert runs them), and the last one alone (``logits``)."""
     gguf, weights, out, _ = moe
     runtime = ShardRuntime(out, "mil")
     reference = build(gguf.config, weights)
+    prompts = _prompts(out)
+    recorded = [RecordedRouting() for _ in prompts]
+    together = runtime.prompt_logits(prompts, recorded)
+    runtime.router = alone = RecordedRouting()
+    runs = list(zip(prompts, together, recorded)) + [(prompts[-1], runtime.logits(prompts[-1]), alone)]
     forced_min, unforced_min, flips = 1.0, 1.0, 0
-    for tokens in _prompts(out):
-        runtime.router = recorded = RecordedRouting()
-        logits = runtime.logits(tokens)
-        reference.router = forced = ForcedRouting(recorded.choices())
+    for tokens, logits, routing in runs:
+        reference.router = forced = ForcedRouting(routing.choices())
         cosine = rowwise_cosine(reference.forward(tokens).logits, logits)
         assert cosine.min() >= MIN_COSINE, (cosine.min(), int(cosine.argmin()))
         forced_min = min(forced_min, float(cosine.min()))

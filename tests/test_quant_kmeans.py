@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from anepack.quant.kmeans import kmeans_1d, kmeans_1d_exact, nearest_labels
+from anepack.quant.kmeans import _sorted_with_order, kmeans_1d, kmeans_1d_exact, nearest_labels
 
 # kmeans_1d's stated tolerance on heavy-tailed groups of realistic size: the total squared
 # error of all groups within 0.5% of the optimum (0.022 dB of SQNR), every group within 5%.
@@ -235,3 +235,16 @@ def test_nearest_labels_picks_the_nearest_and_the_lower_on_ties():
 def test_invalid_input_is_rejected(values, k, weights):
     with pytest.raises(ValueError):
         kmeans_1d(values, k, weights)
+
+
+def test_sorting_by_integer_keys_matches_numpys_stable_argsort():
+    """The weighted path's sort: values as ``np.sort`` gives them and, for equal values, the
+    columns in order, as a stable ``argsort``; over signs, ties, extremes and subnormals."""
+    rng = np.random.default_rng(5)
+    values = rng.standard_normal((6, 997)).astype(np.float32)
+    values[1] = np.round(values[1], 1) + 0.0  # many ties (+ 0.0: no -0.0, which sorts before 0.0 here)
+    values[2, :6] = [np.finfo(np.float32).max, np.finfo(np.float32).min, 1e-45, -1e-45, 0.0, 3.0]
+    values[3] = -np.abs(values[3])
+    sorted_values, order = _sorted_with_order(values)
+    np.testing.assert_array_equal(sorted_values, np.sort(values, axis=1))
+    np.testing.assert_array_equal(order, np.argsort(values, axis=1, kind="stable"))

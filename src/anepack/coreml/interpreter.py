@@ -155,12 +155,26 @@ class BlobStorage:
             if info.padding_bits >= 8 or bits % element.nbits:
                 raise AnepackError(self.path, f"blob at offset {offset} has inconsistent padding")
             raw = self._bytes[info.data_offset : info.data_offset + info.nbytes]
-            return unpack_bits(raw, element.nbits, bits // element.nbits, _is_signed(element))
+            count = bits // element.nbits
+            if 8 % element.nbits == 0 and not _is_signed(element):
+                return _unpack_whole_bytes(raw, element.nbits, count)
+            return unpack_bits(raw, element.nbits, count, _is_signed(element))
         itemsize = element.nbits // 8
         if info.nbytes % itemsize:
             raise AnepackError(self.path, f"blob at offset {offset} is not whole {info.dtype} values")
         dtype = np.dtype(element.numpy).newbyteorder("<")
         return np.frombuffer(self._bytes, dtype, info.nbytes // itemsize, info.data_offset)
+
+
+def _unpack_whole_bytes(raw: np.ndarray, nbits: int, count: int) -> np.ndarray:
+    """``unpack_bits`` for unsigned codes that tile a byte (1, 2 or 4 bits), in uint8
+    throughout: a 26B-A4B expert's 4-bit LUT indices unpack about ten times faster than
+    through ``unpack_bits``' 32-bit words, and the runtime unpacks every routed expert."""
+    per_byte = 8 // nbits
+    values = np.empty(raw.size * per_byte, np.uint8)
+    for slot in range(per_byte):  # one long pass per position in the byte, not per byte
+        np.bitwise_and(raw >> np.uint8(slot * nbits), np.uint8(2**nbits - 1), out=values[slot::per_byte])
+    return values[:count]
 
 
 # ---------------------------------------------------------------------------------------

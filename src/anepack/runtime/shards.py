@@ -5,6 +5,7 @@ cache, the embedding lookup and the RoPE tables and masks on the host (docs/core
     logits = runtime.prefill(prompt_ids)      # [T, vocab] float32
     next_logits = runtime.decode(token)       # [vocab], one position further
     runtime.logits(ids)                       # a fresh prefill: the golden check through the shards
+    runtime.prompt_logits([ids_a, ids_b])     # several fresh prefills at once (below)
 
 Prefill runs the ``prefill`` function over chunks of the build's ``chunk`` tokens; a last chunk
 of one token runs ``decode``, a shorter last chunk is padded and its padding masked. After every
@@ -15,10 +16,16 @@ An MoE layer's package ends before its experts: the host routes each token (soft
 experts, top-k, renormalized, times ``ffn_down_exps.scale``, in float32 as the reference), runs
 each chosen expert's function on the tokens routed to it, sums their weighted outputs and hands
 the sum to the next package, which opens with the layer's combine (docs/moe-shards.md).
+
+``prompt_logits`` runs several prompts together, package by package: every chunk of every
+prompt through one package before the next, each prompt with its own cache. An MoE layer's
+expert then runs once on every token routed to it from any prompt, so the MIL interpreter
+decodes each expert's weights once per layer instead of once per prompt and chunk.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -57,10 +64,7 @@ class ShardRuntime:
         self.router: Router = own_routing
         self._experts = self._expert_shards()
         self._rope_freqs = None if self.manifest.rope_freqs is None else np.array(self.manifest.rope_freqs)
-        self._cache = {
-            f"{kind}_cache_{il}": np.zeros(cache_shape(self.config, il, self.context), np.float16)
-            for il in range(self.config.n_layers) for kind in ("k", "v")
-        }
+        self._cache = self._empty_cache()
         self.position = 0
 
     def reset(self) -> None:
@@ -71,21 +75,36 @@ class ShardRuntime:
 
     def prefill(self, tokens) -> np.ndarray:
         """Run ``tokens`` from the current position on; float32 logits ``[len(tokens), vocab]``."""
-        tokens = self._checked(tokens)
-        pieces = []
-        for begin in range(0, len(tokens), self.chunk):
-            piece = tokens[begin:begin + self.chunk]
-            pieces.append(self._call("decode" if len(piece) == 1 else "prefill", piece))
+        tokens = self._checked(tokens, self.position)
+        pieces = self._call(self._chunks(tokens, self.position, self._cache, self.router))
+        self.position += len(tokens)
         return np.concatenate(pieces)
 
     def decode(self, token: int) -> np.ndarray:
         """Run one token at the current position; float32 logits ``[vocab]``."""
-        return self._call("decode", self._checked([token]))[0]
+        logits = self._call(self._chunks(self._checked([token], self.position), self.position, self._cache,
+                                         self.router))[0]
+        self.position += 1
+        return logits[0]
 
     def logits(self, tokens) -> np.ndarray:
         """Logits ``[T, vocab]`` of a fresh prefill over ``tokens`` from position 0."""
         self.reset()
         return self.prefill(tokens)
+
+    def prompt_logits(self, token_lists, routers: list[Router] | None = None) -> list[np.ndarray]:
+        """Each prompt's logits ``[T, vocab]`` from position 0, as ``logits`` gives them, with
+        all prompts run together package by package (each with its own cache; the runtime's
+        own sequence is left as it was). ``routers``: one routing hook per prompt, so each
+        prompt's choices can be recorded apart; default ``self.router`` for all."""
+        token_lists = [self._checked(tokens, 0) for tokens in token_lists]
+        routers = routers or [self.router] * len(token_lists)
+        if len(routers) != len(token_lists):
+            raise ValueError(f"{len(routers)} routers for {len(token_lists)} prompts")
+        chunks = [self._chunks(tokens, 0, self._empty_cache(), router)
+                  for tokens, router in zip(token_lists, routers)]
+        logits = iter(self._call([chunk for prompt in chunks for chunk in prompt]))
+        return [np.concatenate([next(logits) for _ in prompt]) for prompt in chunks]
 
     # --- internals -------------------------------------------------------------------
 
@@ -126,66 +145,106 @@ class ShardRuntime:
             shards[il] = [(entry, open_shard(self.out_dir / entry.file, self.backend)) for entry in entries]
         return shards
 
-    def _checked(self, tokens) -> np.ndarray:
+    def _checked(self, tokens, start: int) -> np.ndarray:
         tokens = checked_tokens(tokens, self.config.vocab_size)
-        if self.position + tokens.size > self.context:
-            raise AnepackError(self.out_dir, f"{self.position + tokens.size} positions exceed the build's context "
+        if start + tokens.size > self.context:
+            raise AnepackError(self.out_dir, f"{start + tokens.size} positions exceed the build's context "
                                              f"of {self.context} tokens")
         return tokens
 
-    def _call(self, function: str, tokens: np.ndarray) -> np.ndarray:
-        """One call of ``function`` on every shard for ``tokens`` at the current position."""
-        count, start = len(tokens), self.position
-        width = self.chunk if function == "prefill" else 1
-        # Padding repeats the last real token: in-range activations, so the padded keys the
-        # mask hides stay finite (a NaN key would poison the masked scores anyway).
-        padded = np.concatenate([tokens, np.full(width - count, tokens[-1])])
-        hidden = np.asarray(self.embeddings[padded], dtype=np.float16)[None]
-        available = {**self._host_inputs(start, count, width), **self._cache}
-        boundary = {"hidden": hidden}
+    def _empty_cache(self) -> dict[str, np.ndarray]:
+        return {
+            f"{kind}_cache_{il}": np.zeros(cache_shape(self.config, il, self.context), np.float16)
+            for il in range(self.config.n_layers) for kind in ("k", "v")
+        }
+
+    def _chunks(self, tokens: np.ndarray, start: int, cache: dict, router: Router) -> list[_Chunk]:
+        """``tokens`` from ``start`` cut into calls of at most ``chunk`` tokens (one token: ``decode``)."""
+        return [
+            _Chunk("decode" if len(piece) == 1 else "prefill", piece, start + begin, cache, router)
+            for begin in range(0, len(tokens), self.chunk) for piece in [tokens[begin:begin + self.chunk]]
+        ]
+
+    def _call(self, chunks: list[_Chunk]) -> list[np.ndarray]:
+        """Every chunk through every package, package by package; float32 logits ``[count, vocab]``
+        per chunk. Chunks of one sequence come in order: each writes its keys and values into its
+        cache before the next chunk reads them in the same package."""
+        boundaries, host = [], []
+        for chunk in chunks:
+            count, width = len(chunk.tokens), chunk.width(self.chunk)
+            # Padding repeats the last real token: in-range activations, so the padded keys the
+            # mask hides stay finite (a NaN key would poison the masked scores anyway).
+            padded = np.concatenate([chunk.tokens, np.full(width - count, chunk.tokens[-1])])
+            boundaries.append({"hidden": np.asarray(self.embeddings[padded], dtype=np.float16)[None]})
+            host.append(self._host_inputs(chunk.start, count, width))
         for entry, shard in self._layers:
-            outputs = self._run(entry, shard, function, {**available, **boundary})
-            for il in entry.layers:
-                for kind in ("k", "v"):
-                    new = outputs[f"{kind}_new_{il}"]
-                    self._cache[f"{kind}_cache_{il}"][:, :, start:start + count] = new[:, :, :count]
+            trunks = []
+            for chunk, boundary, inputs in zip(chunks, boundaries, host):
+                outputs = self._run(entry, shard, chunk.function, {**inputs, **chunk.cache, **boundary})
+                count = len(chunk.tokens)
+                for il in entry.layers:
+                    for kind in ("k", "v"):
+                        new = outputs.pop(f"{kind}_new_{il}")
+                        chunk.cache[f"{kind}_cache_{il}"][:, :, chunk.start:chunk.start + count] = new[:, :, :count]
+                trunks.append(outputs)
             last = entry.layers[-1]
             if self._routed[last]:
                 residual, dense, _, _ = moe.TRUNK_OUTPUTS
-                routed = self._run_experts(last, outputs, count)
-                boundary = dict(zip(moe.COMBINE_INPUTS, (outputs[residual], outputs[dense], routed)))
+                routed = self._run_experts(last, trunks, chunks)
+                boundaries = [dict(zip(moe.COMBINE_INPUTS, (trunk[residual], trunk[dense], summed)))
+                              for trunk, summed in zip(trunks, routed)]
             else:
-                boundary = {"hidden": outputs["hidden_out"]}
-        logits = []
+                boundaries = [{"hidden": trunk["hidden_out"]} for trunk in trunks]
+        logits = [[] for _ in chunks]
         for entry, shard in self._heads:
-            outputs = self._run(entry, shard, function, boundary)
-            logits += [outputs[spec.name][0, :count] for spec in entry.functions[function].outputs]
-        self.position += count
-        return np.concatenate(logits, axis=-1).astype(np.float32)
+            for chunk, boundary, pieces in zip(chunks, boundaries, logits):
+                outputs = self._run(entry, shard, chunk.function, boundary)
+                pieces += [outputs[spec.name][0, :len(chunk.tokens)] for spec in entry.functions[chunk.function].outputs]
+        return [np.concatenate(pieces, axis=-1).astype(np.float32) for pieces in logits]
 
-    def _run_experts(self, il: int, trunk: dict[str, np.ndarray], count: int) -> np.ndarray:
-        """The routed sum ``[1, width, D]`` float16 of MoE layer ``il`` for the ``count`` real tokens.
+    def _run_experts(self, il: int, trunks: list[dict[str, np.ndarray]], chunks: list[_Chunk]) -> list[np.ndarray]:
+        """Per chunk, the routed sum ``[1, width, D]`` float16 of MoE layer ``il`` for its real tokens.
 
-        Routing in float32 as the reference; an expert runs once per call on the tokens routed
-        to it (its ``decode`` function for one token, else ``prefill`` zero-padded to the chunk:
-        an expert maps zero rows to zero)."""
+        Routing per chunk in float32 as the reference, through the chunk's router. Each chosen
+        expert then runs on the tokens routed to it from every chunk, in pieces of at most
+        ``chunk`` rows (a one-row piece through its ``decode`` function, else ``prefill``
+        zero-padded: an expert maps zero rows to zero), and its decoded weights are released
+        before the next expert's."""
         _, _, expert_in, router_logits = moe.TRUNK_OUTPUTS
-        x = trunk[expert_in][0, :count]
-        chosen, routing = self.router(il, trunk[router_logits][0, :count].astype(np.float32),
-                                      self.config.n_expert_used[il])
         scales = self.manifest.expert_down_scales.get(il)
-        routed = np.zeros(trunk[expert_in].shape[1:], np.float32)
-        for expert in np.unique(chosen):
-            rows, slots = np.nonzero(chosen == expert)
-            weight = routing[rows, slots] if scales is None else routing[rows, slots] * np.float32(scales[expert])
-            mode, width = ("decode", 1) if len(rows) == 1 else ("prefill", self.chunk)
+        inputs, routes, sums = [], [], []
+        for trunk, chunk in zip(trunks, chunks):
+            count = len(chunk.tokens)
+            inputs.append(trunk[expert_in][0, :count])
+            routes.append(chunk.router(il, trunk[router_logits][0, :count].astype(np.float32),
+                                       self.config.n_expert_used[il]))
+            sums.append(np.zeros(trunk[expert_in].shape[1:], np.float32))
+        for expert in np.unique(np.concatenate([chosen.ravel() for chosen, _ in routes])):
+            # (chunk, its rows routed to this expert, their weights), rows of every chunk stacked
+            routed_rows = []
+            for index, (chosen, routing) in enumerate(routes):
+                rows, slots = np.nonzero(chosen == expert)
+                weight = routing[rows, slots] if scales is None else routing[rows, slots] * np.float32(scales[expert])
+                routed_rows += [(index, row, w) for row, w in zip(rows, weight)]
+            x = np.stack([inputs[index][row] for index, row, _ in routed_rows])
+            out = self._expert_rows(il, int(expert), x)
+            for (index, row, weight), y in zip(routed_rows, out):
+                sums[index][row] += y.astype(np.float32) * weight
+        return [summed.astype(np.float16)[None] for summed in sums]
+
+    def _expert_rows(self, il: int, expert: int, x: np.ndarray) -> np.ndarray:
+        """Expert ``expert`` of layer ``il`` on rows ``x [n, D]`` float16; its outputs ``[n, D]``."""
+        entry, shard = next(item for item in self._experts[il] if item[0].experts[0] <= expert < item[0].experts[1])
+        out = np.empty_like(x)
+        for begin in range(0, len(x), self.chunk):
+            piece = x[begin:begin + self.chunk]
+            mode, width = ("decode", 1) if len(piece) == 1 else ("prefill", self.chunk)
             tokens = np.zeros((1, width, x.shape[1]), np.float16)
-            tokens[0, :len(rows)] = x[rows]
-            entry, shard = next(item for item in self._experts[il] if item[0].experts[0] <= expert < item[0].experts[1])
-            out = self._run(entry, shard, moe.expert_function(int(expert), mode), {moe.EXPERT_INPUT: tokens})
-            shard.release()  # a layer's experts decoded are gigabytes: hold one at a time
-            routed[rows] += out[moe.EXPERT_OUTPUT][0, :len(rows)].astype(np.float32) * weight[:, None]
-        return routed.astype(np.float16)[None]
+            tokens[0, :len(piece)] = piece
+            result = self._run(entry, shard, moe.expert_function(expert, mode), {moe.EXPERT_INPUT: tokens})
+            out[begin:begin + len(piece)] = result[moe.EXPERT_OUTPUT][0, :len(piece)]
+        shard.release()  # a layer's experts decoded are gigabytes: hold one at a time
+        return out
 
     def _run(self, entry: ShardEntry, shard: ShardEngine, function: str, available: dict) -> dict:
         specs = entry.functions[function]
@@ -211,3 +270,19 @@ class ShardRuntime:
             else:  # cos/sin rows of padded queries: any finite rotation; repeat the last one
                 padded[name] = np.concatenate([table, np.repeat(table[-1:], width - count, axis=0)])
         return padded
+
+
+@dataclass
+class _Chunk:
+    """One call's tokens of one sequence: the function that runs them, their first position,
+    the sequence's KV cache and its routing hook."""
+
+    function: str
+    tokens: np.ndarray
+    start: int
+    cache: dict[str, np.ndarray]
+    router: Router
+
+    def width(self, chunk: int) -> int:
+        """Rows of the call: the build's chunk for ``prefill``, one for ``decode``."""
+        return chunk if self.function == "prefill" else 1
