@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from anepack.metrics import rowwise_cosine
+from anepack.reference import build
 from anepack.source import open_gguf
 from anepack.synth import write_synthetic_gguf
 from anepack.validate.layers import validate_layers
@@ -31,6 +33,15 @@ def test_searched_recipe_keeps_its_target_when_validated_independently(tmp_path)
         checks = validate_layers(gguf, RecipeWeights(gguf, recipe), tokens, [0, 1], with_blame=False)
         assert min(float(np.min(check.cumulative)) for check in checks) >= target - 1e-6
         assert result.within_budget
+        # and the golden bars it searched under (0.97 logit cosine, 0.90 pooled top-1) hold on the
+        # calibration prompts through an independent forward pass of the written recipe
+        recipe_weights = RecipeWeights(gguf, recipe)
+        exact, quantized = build(gguf.config, recipe_weights.exact), build(gguf.config, recipe_weights)
+        expected = exact.prompt_logits(tokens)
+        logits = quantized.prompt_logits(tokens)
+        assert min(float(rowwise_cosine(e, q).min()) for e, q in zip(expected, logits)) >= 0.97 - 1e-6
+        agree = np.concatenate([np.argmax(e, axis=1) == np.argmax(q, axis=1) for e, q in zip(expected, logits)])
+        assert agree.mean() >= 0.90
 
 
 def test_final_state_target_holds_for_the_written_recipe(tmp_path):

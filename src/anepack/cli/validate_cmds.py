@@ -196,14 +196,18 @@ def recipe_group() -> None:
               help="Cumulative hidden-state cosine every layer must keep on the calibration prompts.")
 @click.option("--min-final-cos", type=float, default=None,
               help="Also keep the final hidden state (the LM head's input) at this cosine.")
+@click.option("--min-logit-cos", default=0.97, show_default=True,
+              help="Per-position logit cosine the stack must keep on the calibration prompts.")
+@click.option("--min-top1", default=0.90, show_default=True,
+              help="Top-1 agreement, pooled over the calibration prompts' positions, the stack must keep.")
 @click.option("--allow-gpu-formats", is_flag=True, help="Also consider formats that fall off the ANE (int4 per-block).")
 @click.option("--name", default="searched", show_default=True, help="Name of the written recipe.")
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Recipe TOML to write.")
 @importance_option
 @json_option
-def search_command(model, max_bpw, min_layer_cos, min_final_cos, allow_gpu_formats, name, out_path, importance,
-                   as_json):
-    """Apple-style mixed-bit search: score tensors alone, add them cumulatively, fewest bits that keep the target."""
+def search_command(model, max_bpw, min_layer_cos, min_final_cos, min_logit_cos, min_top1, allow_gpu_formats, name,
+                   out_path, importance, as_json):
+    """Apple-style mixed-bit search: score tensors alone, compress them cumulatively, keep what holds the targets."""
     from anepack.validate.run import calibrate, calibration_tokens
     from anepack.validate.search import search_recipe
 
@@ -212,7 +216,8 @@ def search_command(model, max_bpw, min_layer_cos, min_final_cos, allow_gpu_forma
             _, tokens = calibration_tokens(gguf)
             importance_vectors = calibrate(gguf) if importance else None
             result = search_recipe(gguf, tokens, importance_vectors, min_layer_cos, max_bpw, name,
-                                   allow_gpu_formats, progress=status.update, min_final_cosine=min_final_cos)
+                                   allow_gpu_formats, min_logit_cos, min_top1, progress=status.update,
+                                   min_final_cosine=min_final_cos)
     path = Path(out_path)
     atomic_write_bytes(path, result.recipe.text.encode())
     counts: dict[str, int] = {}
@@ -221,7 +226,7 @@ def search_command(model, max_bpw, min_layer_cos, min_final_cos, allow_gpu_forma
     document = {"recipe": str(path), "name": name, "passed": result.within_budget, "max_bpw": max_bpw,
                 "bits": result.bits, "tensors_per_format": counts,
                 "layer_cosine": result.layer_cosine, "final_cosine": result.final_cosine,
-                "head_cosine": result.head_cosine, "head_top1": result.head_top1}
+                "head_cosine": result.head_cosine, "head_top1": result.head_top1, "steps": result.log}
 
     def render(doc: dict) -> None:
         table = Table(title=f"recipe {doc['name']} -> {doc['recipe']}")
