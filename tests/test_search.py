@@ -68,3 +68,17 @@ def test_final_state_target_holds_for_the_written_recipe(tmp_path):
                 finals.append(rms_norm(hidden, norm, gguf.config.rms_eps))
             worst = min(worst, float(rowwise_cosine(*finals).min()))
         assert worst >= final_target - 1e-6
+
+
+def test_a_head_format_that_cannot_hold_the_head_is_skipped(tmp_path, monkeypatch):
+    from anepack.validate import search
+
+    path = write_synthetic_gguf(tmp_path / "llama.gguf", "llama", layers=2, seed=4)
+    with open_gguf(path) as gguf:
+        _, tokens = calibration_tokens(gguf)
+        vocab = gguf.config.vocab_size
+        # one LUT per vocab + 1 rows cannot be stored: the quantizer refuses it
+        monkeypatch.setattr(search, "HEAD_LADDER", (f"lut6-g{vocab + 1}", "int8-channel"))
+        result = search.search_recipe(gguf, tokens, None, 0.99, max_bpw=16.0)
+    assert result.recipe.format_for("output.weight").spec == "int8-channel"
+    assert any(line.startswith(f"output.weight skips lut6-g{vocab + 1}") for line in result.log)

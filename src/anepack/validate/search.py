@@ -34,7 +34,7 @@ import numpy as np
 
 from anepack.metrics import rowwise_cosine, top1_agreement
 from anepack.quant import quantize
-from anepack.quant.formats import Format, parse_format
+from anepack.quant.formats import Format, FormatSpecError, parse_format
 from anepack.reference import build
 from anepack.reference.common import rms_norm
 from anepack.source.gguf_file import GGUFFile
@@ -138,12 +138,13 @@ def search_recipe(
 
     # 1. The LM head, over the exact layers.
     head = FP16
-    head_rows = gguf.info(stored_name(gguf, LM_HEAD)).shape[0]
     for spec in HEAD_LADDER:
-        if head_rows % (getattr(parse_format(spec), "group_size", 0) or head_rows):
-            continue
         step(f"LM head {spec}")
-        cosine, top1 = logit_bars(build(config, cache.source({LM_HEAD: parse_format(spec)})), exact_last)
+        try:
+            cosine, top1 = logit_bars(build(config, cache.source({LM_HEAD: parse_format(spec)})), exact_last)
+        except FormatSpecError as error:  # e.g. a LUT group that does not divide the vocabulary
+            log.append(f"{LM_HEAD} skips {spec}: {error}")
+            continue
         log.append(f"{LM_HEAD} alone at {spec}: logit cosine {cosine:.4f}, top-1 {top1:.3f}")
         if cosine >= min_logit_cosine and top1 >= min_top1:
             head = parse_format(spec)
@@ -190,9 +191,14 @@ def search_recipe(
         loss = {}
         for count, tensor in enumerate(candidates, start=1):
             step(f"scoring {count}/{len(candidates)} {tensor} at {fmt.spec}")
-            loss[tensor] = alone[tensor] = alone_loss(tensor, fmt)
+            try:
+                loss[tensor] = alone[tensor] = alone_loss(tensor, fmt)
+            except FormatSpecError as error:
+                log.append(f"{tensor} skips {fmt.spec}: {error}")
+        candidates = list(loss)
         added = {tensor: (loss[tensor] - current_loss[tensor])
-                 / max(payload_bits(tensor, assignment.get(tensor, FP16)) - payload_bits(tensor, fmt), 1.0) for tensor in candidates}
+                 / max(payload_bits(tensor, assignment.get(tensor, FP16)) - payload_bits(tensor, fmt), 1.0)
+                 for tensor in candidates}
         remaining = sorted(candidates, key=lambda tensor: added[tensor])
         kept: list[str] = []
         for _ in range(RETRY_ROUNDS + 1):
@@ -212,6 +218,9 @@ def search_recipe(
             remaining = remaining[low + 1:]
         assignment |= {tensor: fmt for tensor in kept}
         current_loss |= {tensor: loss[tensor] for tensor in kept}
+        # only the assigned formats are read again
+        cache.dense = {key: value for key, value in cache.dense.items()
+                       if key[0] == LM_HEAD or (key[0] in assignment and key[1] == assignment[key[0]].spec)}
         log.append(f"{fmt.spec}: {len(kept)} of {len(candidates)} tensors; stack: min layer cosine "
                    f"{min(best.layer_cosine):.4f}, logit cosine {best.logit_cosine:.4f}, top-1 {best.top1:.3f}")
         candidates = kept
