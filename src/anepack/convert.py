@@ -118,20 +118,27 @@ def convert(
     gc.collect()
 
     step("golden check through shards", 0.0)
-    # All prompts at once: each routed expert is decoded once per layer for all of them.
+    runtime = ShardRuntime(out_dir, "mil")
     recorded = [RecordedRouting() for _ in context.tokens]
-    shard_logits = ShardRuntime(out_dir, "mil").prompt_logits(context.tokens, recorded)
+    # A routed model runs all prompts together, so each routed expert is decoded once per layer
+    # for all of them; a dense one prompt by prompt, so one prompt's logits are held at a time.
+    indices = range(len(context.tokens))
+    batches = [list(indices)] if routed else [[index] for index in indices]
     thresholds = Thresholds(options.min_logit_cosine, options.min_top1)
     artifact_cosines = []
     routing_differences: list[RoutingDifference] = []
-    for index, (prompt, tokens, (same_weights, source), from_shards, routing) in enumerate(
-            zip(context.prompts, context.tokens, expected, shard_logits, recorded)):
-        if routed:
-            step(f"golden check: reference routed as the shards, {prompt.name}", (index + 1) / (len(context.prompts) + 1))
-            same_weights, differences = _forced_reference(gguf, weights, tokens, routing.choices())
-            routing_differences += differences
-        artifact_cosines.append(float(compare(prompt.name, same_weights, from_shards).cosine.min()))
-        record["prompts"].append(compare(prompt.name, source, from_shards).summary(thresholds))
+    for number, batch in enumerate(batches, start=1):
+        shard_logits = runtime.prompt_logits([context.tokens[i] for i in batch], [recorded[i] for i in batch])
+        if number == len(batches):
+            del runtime  # its decoded weights go before the routed reference runs
+        for index, from_shards in zip(batch, shard_logits):
+            prompt, tokens, (same_weights, source) = context.prompts[index], context.tokens[index], expected[index]
+            step(f"golden check through shards: {prompt.name}", (index + 1) / len(context.prompts))
+            if routed:
+                same_weights, differences = _forced_reference(gguf, weights, tokens, recorded[index].choices())
+                routing_differences += differences
+            artifact_cosines.append(float(compare(prompt.name, same_weights, from_shards).cosine.min()))
+            record["prompts"].append(compare(prompt.name, source, from_shards).summary(thresholds))
     del shard_logits
     record["timings"]["golden_s"] = time.perf_counter() - checked_started
 
