@@ -151,6 +151,41 @@ def test_experts_are_read_one_at_a_time_and_observed_per_expert(tmp_path):
         assert seen[f"blk.{il}.ffn_gate_inp.weight"] == len(tokens)
 
 
+@pytest.mark.parametrize("variant", ["moe", "ple"])
+def test_prompts_run_through_each_layer_together_match_llamacpp(referee_runs, variant):
+    """``prompt_logits`` runs every prompt through a layer before the next layer (an MoE layer
+    runs each routed expert once on all prompts' rows; E2B-style layers switch per-sequence
+    state): each prompt's logits are still llama.cpp's."""
+    path, tokens, expected = referee_runs(variant)
+    with open_gguf(path) as model_file:
+        model = build(model_file.config, source_weights(model_file), emulate=LlamaCppArithmetic(model_file))
+        together = model.prompt_logits(list(tokens.values()))
+    for name, logits in zip(tokens, together):
+        assert rowwise_cosine(expected[name], logits).min() >= EXACT_COSINE, name
+
+
+def test_prompts_run_together_read_each_expert_once_per_layer(tmp_path):
+    path = synth.write_synthetic_gguf(tmp_path / "moe.gguf", "gemma4", seed=2, n_layer=2, n_expert=8,
+                                      n_expert_used=3, n_ff_exp=64)
+    prompts = [np.arange(20, 60), np.arange(100, 113), np.arange(7, 40)]
+    with open_gguf(path) as model_file:
+        one_by_one = [build(model_file.config, source_weights(model_file)).forward(ids).logits for ids in prompts]
+        source = ExpertStreamingSource(model_file)
+        reads: dict[tuple[str, int], int] = {}
+        read_one = source.expert
+
+        def counted(name: str, index: int) -> np.ndarray:
+            reads[name, index] = reads.get((name, index), 0) + 1
+            return read_one(name, index)
+
+        source.expert = counted
+        together = build(model_file.config, source).prompt_logits(prompts)
+    for logits, expected in zip(together, one_by_one):
+        np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
+    assert {name.split(".")[1] for name, _ in reads} == {"0", "1"}
+    assert set(reads.values()) == {1}
+
+
 def test_config_reads_per_layer_attention_and_kv_sharing(referee_runs):
     path, _, _ = referee_runs("ple")
     reader = gguf.GGUFReader(path)

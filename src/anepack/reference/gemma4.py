@@ -30,9 +30,10 @@ the rows routed to that expert, so calibration collects importance per expert.
 Per-layer embeddings (E2B/E4B) and KV sharing make a layer depend on more than its input
 hidden state: ``embed`` computes every layer's per-layer input for the tokens it embeds, and a
 layer whose keys and values are shared keeps them for the later layers that reuse them. Both
-live in :attr:`Gemma4.sequence`, so such a model processes one sequence at a time: ``embed``,
-then its layers in order (``forward`` does exactly that). Models without either feature (the
-26B-A4B) keep no state between layers.
+live in :attr:`Gemma4.sequence`, one sequence's at a time: ``embed`` sets it, then the layers
+run in order (``forward`` does exactly that); ``embed_many`` keeps each prompt's and
+``layer_many`` switches to it for that prompt's part of a layer. Models without either feature
+(the 26B-A4B) keep no state between layers.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from anepack.errors import AnepackError
 from anepack.reference.common import (
     MIN_ROUTING_WEIGHT_SUM, attention, attention_mask, rms_norm, rope, route_top_k, softcap, softmax,
 )
-from anepack.reference.model import ReferenceModel
+from anepack.reference.model import Prompts, ReferenceModel
 from anepack.source.config import Gemma4Config
 from anepack.source.weights import LM_HEAD
 
@@ -197,6 +198,38 @@ class Gemma4(ReferenceModel):
     # -- layer ------------------------------------------------------------------------------
 
     def block(self, il: int, hidden: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        residual, dense, routed_inputs = self._before_experts(il, hidden, positions)
+        routed = self._expert_outputs(il, *routed_inputs) if routed_inputs is not None else None
+        return self._after_experts(il, residual, dense, routed)
+
+    def layer_many(self, il: int, prompts: Prompts) -> Prompts:
+        """An MoE layer runs each prompt's attention, dense MLP and routing on its own, then every
+        routed expert once over the rows all prompts routed to it (one read of each expert per
+        layer instead of one per prompt), then each prompt's post-norms."""
+        if not self.config.moe_layers[il]:
+            return super().layer_many(il, prompts)
+        parts = []
+        for hidden, sequence in zip(prompts.hidden, prompts.sequences):
+            self.sequence = sequence
+            positions = self.precision.positions = np.arange(hidden.shape[0])
+            with self._numerics():
+                parts.append(self._before_experts(il, np.asarray(hidden, dtype=np.float32), positions))
+        self.precision.positions = np.concatenate([np.arange(h.shape[0]) for h in prompts.hidden])
+        joined = [np.concatenate(arrays) for arrays in zip(*(routed_inputs for _, _, routed_inputs in parts))]
+        with self._numerics():
+            routed = self._expert_outputs(il, *joined)
+        ends = np.cumsum([h.shape[0] for h in prompts.hidden])[:-1]
+        outputs = []
+        for (residual, dense, _), routed_rows, sequence in zip(parts, np.split(routed, ends), prompts.sequences):
+            self.sequence = sequence
+            self.precision.positions = np.arange(residual.shape[0])
+            with self._numerics():
+                outputs.append(self._after_experts(il, residual, dense, routed_rows))
+        return prompts.at(outputs)
+
+    def _before_experts(self, il: int, hidden: np.ndarray, positions: np.ndarray) -> tuple:
+        """Attention and the dense MLP; on an MoE layer also the routing: ``(residual, dense,
+        (expert input, chosen experts, routing weights) or None)``."""
         cfg, r, w = self.config, self.round, self.layer_weight
         n_tokens, hd = hidden.shape[0], cfg.head_dim(il)
 
@@ -213,10 +246,17 @@ class Gemma4(ReferenceModel):
         residual = r(attn_out + hidden, il, "attn_residual")
 
         dense = self._mlp(il, r(rms_norm(residual, w(il, "ffn_norm"), cfg.rms_eps), il, "ffn_norm"))
-        if cfg.moe_layers[il]:
-            dense = r(rms_norm(dense, w(il, "post_ffw_norm_1"), cfg.rms_eps), il, "post_ffw_norm_1")
-            routed = r(rms_norm(self._experts(il, residual), w(il, "post_ffw_norm_2"), cfg.rms_eps), il,
-                       "post_ffw_norm_2")
+        if not cfg.moe_layers[il]:
+            return residual, dense, None
+        dense = r(rms_norm(dense, w(il, "post_ffw_norm_1"), cfg.rms_eps), il, "post_ffw_norm_1")
+        return residual, dense, self._route(il, residual)
+
+    def _after_experts(self, il: int, residual: np.ndarray, dense: np.ndarray, routed: np.ndarray | None) -> np.ndarray:
+        """The routed experts' sum (MoE layers) joins the dense branch; post-FFN norm, residual,
+        the per-layer embedding branch, ``layer_output_scale``."""
+        cfg, r, w = self.config, self.round, self.layer_weight
+        if routed is not None:
+            routed = r(rms_norm(routed, w(il, "post_ffw_norm_2"), cfg.rms_eps), il, "post_ffw_norm_2")
             dense = r(dense + routed, il, "ffn_moe_combined")
         ffn_out = r(rms_norm(dense, w(il, "post_ffw_norm"), cfg.rms_eps), il, "post_ffw_norm")
         out = r(ffn_out + residual, il, "ffn_residual")
@@ -269,15 +309,21 @@ class Gemma4(ReferenceModel):
         act = r(r(self.gelu_tanh(gate), il, "ffn_gelu") * up, il, "ffn_geglu")
         return r(self.linear(act, f"blk.{il}.ffn_down.weight"), il, "ffn_down")
 
-    def _experts(self, il: int, residual: np.ndarray) -> np.ndarray:
-        """The routed expert bank on the post-attention residual, before ``post_ffw_norm_2``."""
+    def _route(self, il: int, residual: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The expert bank's input ``pre_ffw_norm_2(residual)``, the chosen experts ``[T, k]`` and
+        their routing weights ``[T, k]``."""
         cfg, r = self.config, self.round
         x = r(rms_norm(residual, self.layer_weight(il, "pre_ffw_norm_2"), cfg.rms_eps), il, "pre_ffw_norm_2")
         router_in = rms_norm(residual, None, cfg.rms_eps) * np.float32(1.0 / math.sqrt(cfg.n_embd))
         router_in = r(router_in * self.weight(f"blk.{il}.ffn_gate_inp.scale"), il, "router_in")
         logits = r(self.linear(router_in, f"blk.{il}.ffn_gate_inp.weight"), il, "router_logits")
         chosen, routing = self.router(il, logits, cfg.n_expert_used[il])
+        return x, chosen, routing
 
+    def _expert_outputs(self, il: int, x: np.ndarray, chosen: np.ndarray, routing: np.ndarray) -> np.ndarray:
+        """The routed expert bank's weighted sum, before ``post_ffw_norm_2``: each chosen expert
+        read once and run on the rows routed to it."""
+        cfg, r = self.config, self.round
         n_ff = cfg.n_ff_exp[il]
         down_name = f"blk.{il}.ffn_down_exps.weight"
         scales = self.weight(f"blk.{il}.ffn_down_exps.scale") if cfg.expert_scales[il] else None

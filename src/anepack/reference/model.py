@@ -3,7 +3,10 @@
 An architecture subclasses ``ReferenceModel`` and writes ``embed_tokens``, ``block`` and
 ``head``; the base class wraps them as ``embed``, ``layer`` and ``final``, and ``forward``
 chains those. ``layer`` works alone from a given hidden state, because the validators run
-single layers with substituted (quantized) weights.
+single layers with substituted (quantized) weights. ``embed_many`` and ``layer_many`` do the
+same for several prompts at once, layer by layer: the results are each prompt's own, and an
+architecture may share work between the prompts (an MoE layer reads each routed expert once for
+all of them instead of once per prompt).
 
 The embedding table and the LM head (``STREAMED_WEIGHTS``, vocab x n_embd: the largest
 tensors by far) are read by rows when the weight source offers ``rows(name, start, stop)``:
@@ -51,8 +54,24 @@ class ForwardResult:
     overflow: Overflow | None
 
 
+@dataclass
+class Prompts:
+    """Several prompts part way through the model: each one's hidden state ``[T_i, n_embd]`` and
+    the per-sequence state its ``embed`` left (None for architectures that keep none)."""
+
+    hidden: list[np.ndarray]
+    sequences: list[object]
+
+    def at(self, hidden: list[np.ndarray]) -> Prompts:
+        """The same prompts at other hidden states (another layer's input or output)."""
+        return Prompts(hidden, self.sequences)
+
+
 class ReferenceModel(ABC):
     """Base of the per-architecture models: subclasses define ``embed_tokens``, ``block``, ``head``."""
+
+    # What later layers of the current sequence read besides the hidden state (see Gemma 4).
+    sequence: object | None = None
 
     def __init__(self, config, weights: WeightSource, fp16: bool = False, emulate: Arithmetic | None = None):
         self.config = config
@@ -141,6 +160,23 @@ class ReferenceModel(ABC):
         with self._numerics():
             return self.block(il, np.asarray(hidden, dtype=np.float32), positions)
 
+    def embed_many(self, token_lists: list[np.ndarray]) -> Prompts:
+        """``embed`` for each prompt, keeping each one's per-sequence state."""
+        hidden, sequences = [], []
+        for tokens in token_lists:
+            hidden.append(self.embed(tokens))
+            sequences.append(self.sequence)
+        return Prompts(hidden, sequences)
+
+    def layer_many(self, il: int, prompts: Prompts) -> Prompts:
+        """Layer ``il`` on every prompt (each from position 0): the same outputs as ``layer`` on
+        each; architectures override it where prompts can share work."""
+        outputs = []
+        for hidden, sequence in zip(prompts.hidden, prompts.sequences):
+            self.sequence = sequence
+            outputs.append(self.layer(il, hidden))
+        return prompts.at(outputs)
+
     def final(self, hidden: np.ndarray) -> np.ndarray:
         """Last hidden state ``[T, n_embd]`` -> logits ``[T, vocab]``."""
         self.precision.positions = None
@@ -172,11 +208,15 @@ class ReferenceModel(ABC):
         return ForwardResult(logits, hidden_states[1:], self.precision.overflow)
 
     def prompt_logits(self, token_lists: list[np.ndarray]) -> list[np.ndarray]:
-        """Each prompt's logits ``[T, vocab]`` (each from position 0), the same as ``forward``'s:
-        the LM head runs once over every prompt's last hidden state, so a streamed head is
-        read once for all prompts instead of once per prompt."""
+        """Each prompt's logits ``[T, vocab]`` (each from position 0), the same as ``forward``'s.
+        The prompts go through the layers together (``layer_many``) and the LM head runs once
+        over every prompt's last hidden state, so a streamed head is read once for all prompts
+        instead of once per prompt."""
         self.precision.overflow = None
-        last = [self._through_layers(tokens)[-1] for tokens in token_lists]
+        prompts = self.embed_many(token_lists)
+        for il in range(self.config.n_layers):
+            prompts = self.layer_many(il, prompts)
+        last = prompts.hidden
         logits = self.final(np.concatenate(last))
         return np.split(logits, np.cumsum([len(hidden) for hidden in last])[:-1])
 

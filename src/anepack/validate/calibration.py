@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,7 +106,6 @@ def collect_importance(
     gguf: GGUFFile,
     token_lists: Sequence[np.ndarray],
     digest: str,
-    progress: Callable[[int], None] | None = None,
 ) -> Importance:
     """Run the exact reference over the token lists and average each linear's squared inputs.
 
@@ -118,7 +117,6 @@ def collect_importance(
     sums: dict[str, np.ndarray] = {}
     bank_sums: dict[str, np.ndarray] = {}
     bank_counts: dict[str, np.ndarray] = {}
-    count = 0
 
     def observe(name: str, inputs: np.ndarray) -> None:
         rows = inputs.reshape(-1, inputs.shape[-1])
@@ -136,13 +134,14 @@ def collect_importance(
 
     model = build(gguf.config, source_weights(gguf))
     model.observer = observe
+    # Layer by layer over all prompts: an MoE layer reads each routed expert once for all of them.
+    prompts = model.embed_many(list(token_lists))
     max_abs_hidden = 0.0
-    for index, tokens in enumerate(token_lists):
-        result = model.forward(tokens)
-        max_abs_hidden = max([max_abs_hidden] + [float(np.abs(h).max()) for h in result.hidden_states])
-        count += len(tokens)
-        if progress is not None:
-            progress(index)
+    for il in range(gguf.config.n_layers):
+        prompts = model.layer_many(il, prompts)
+        max_abs_hidden = max([max_abs_hidden] + [float(np.abs(hidden).max()) for hidden in prompts.hidden])
+    model.final(np.concatenate(prompts.hidden))  # the LM head's inputs
+    count = sum(len(tokens) for tokens in token_lists)
     columns = {name: (total / count).astype(np.float32) for name, total in sums.items()}
     for bank, total in bank_sums.items():
         counts = bank_counts[bank]
@@ -184,7 +183,6 @@ def load_or_collect(
     prompts: Sequence[Prompt],
     token_lists: Sequence[np.ndarray],
     cache_path: Path,
-    progress: Callable[[int], None] | None = None,
 ) -> Importance:
     """Reuse ``cache_path`` when it was measured on this model and these prompts; else measure."""
     digest = prompts_digest(prompts)
@@ -195,6 +193,6 @@ def load_or_collect(
             cached = None  # an older or damaged cache entry is measured again
         if cached and cached.model_fingerprint == file_fingerprint(gguf.path) and cached.prompts_digest == digest:
             return cached
-    importance = collect_importance(gguf, token_lists, digest, progress)
+    importance = collect_importance(gguf, token_lists, digest)
     importance.save(cache_path)
     return importance

@@ -12,10 +12,11 @@ For each chosen layer and every position of every calibration prompt:
   re-runs the layer once per tensor (on an MoE layer, every routed expert each time), so the
   pre-flight gate blames only the layers that fail it (``blame_below``).
 
-Prompts are processed one at a time, each from its own ``embed``: a Gemma 4 layer may read
+The prompts go through each layer together (``layer_many``: an MoE layer reads each routed
+expert once for all of them), each from its own ``embed``: a Gemma 4 layer may read
 per-sequence state besides its input (per-layer embeddings, keys and values shared from an
 earlier layer). Run isolated, a layer that reuses another layer's keys and values gets them
-from that layer run isolated on the same prompt first.
+from that layer run isolated on the same prompts first.
 """
 
 from __future__ import annotations
@@ -88,14 +89,12 @@ def exact_states(
     float32 copies the recipe already holds instead of making a second set.
     """
     model = build(gguf.config, source_weights(gguf) if source is None else source)
-    states = []
-    for tokens in token_lists:
-        hidden = model.embed(tokens)
-        per_layer = [hidden]
-        for il in range(last_layer + 1):
-            hidden = model.layer(il, hidden)
+    prompts = model.embed_many(list(token_lists))
+    states = [[hidden] for hidden in prompts.hidden]
+    for il in range(last_layer + 1):
+        prompts = model.layer_many(il, prompts)
+        for per_layer, hidden in zip(states, prompts.hidden):
             per_layer.append(hidden)
-        states.append(per_layer)
     return states
 
 
@@ -108,10 +107,16 @@ def _kv_sources(config, layers: Sequence[int]) -> list[int]:
     return sorted(needed)
 
 
-def _isolated(model, tokens: np.ndarray, states: list[np.ndarray], layers: Sequence[int]) -> dict[int, np.ndarray]:
-    """Each of ``layers`` of ``model`` on the exact input state of one prompt (``states[il]``)."""
-    model.embed(tokens)  # this prompt's per-sequence state (per-layer inputs, shared keys and values)
-    outputs = {il: model.layer(il, states[il]) for il in _kv_sources(model.config, layers)}
+def _isolated(
+    model, token_lists: Sequence[np.ndarray], states: list[list[np.ndarray]], layers: Sequence[int]
+) -> dict[int, list[np.ndarray]]:
+    """Each of ``layers`` of ``model`` on every prompt's exact input state (``states[p][il]``)."""
+    # each prompt's per-sequence state (per-layer inputs, shared keys and values)
+    prompts = model.embed_many(list(token_lists))
+    outputs = {
+        il: model.layer_many(il, prompts.at([exact[il] for exact in states])).hidden
+        for il in _kv_sources(model.config, layers)
+    }
     return {il: outputs[il] for il in layers}
 
 
@@ -132,25 +137,30 @@ def validate_layers(
     states = exact_states(gguf, token_lists, layers[-1], weights.exact)
 
     quantized = build(gguf.config, weights)
-    cumulative: dict[int, list[np.ndarray]] = {il: [] for il in layers}
-    isolated: dict[int, list[np.ndarray]] = {il: [] for il in layers}
-    for index, (tokens, exact) in enumerate(zip(token_lists, states)):
-        step(f"quantized stack, prompt {index + 1} of {len(states)}")
-        hidden = quantized.embed(tokens)
-        for il in range(layers[-1] + 1):
-            hidden = quantized.layer(il, hidden)
-            if il in cumulative:
-                cumulative[il].append(rowwise_cosine(exact[il + 1], hidden))
-        for il, output in _isolated(quantized, tokens, exact, layers).items():
-            isolated[il].append(rowwise_cosine(exact[il + 1], output))
+    cumulative: dict[int, np.ndarray] = {}
+    prompts = quantized.embed_many(list(token_lists))
+    for il in range(layers[-1] + 1):
+        step(f"quantized stack, layer {il + 1} of {layers[-1] + 1}")
+        prompts = quantized.layer_many(il, prompts)
+        if il in layers:
+            cumulative[il] = _cosines(states, il, prompts.hidden)
+    step("quantized layers on exact inputs")
+    isolated = {
+        il: _cosines(states, il, outputs) for il, outputs in _isolated(quantized, token_lists, states, layers).items()
+    }
 
     checks = []
     for il in layers:
-        check = LayerCheck(il, np.concatenate(isolated[il]), np.concatenate(cumulative[il]), [])
+        check = LayerCheck(il, isolated[il], cumulative[il], [])
         if with_blame and (blame_below is None or not check.passed(blame_below)):
             check.blame = _blame(gguf, weights, il, token_lists, states, step)
         checks.append(check)
     return checks
+
+
+def _cosines(states: list[list[np.ndarray]], il: int, outputs: list[np.ndarray]) -> np.ndarray:
+    """Per-position cosine of layer ``il``'s outputs against the exact ones, prompts concatenated."""
+    return np.concatenate([rowwise_cosine(exact[il + 1], output) for exact, output in zip(states, outputs)])
 
 
 def _blame(gguf, weights: RecipeWeights, il: int, token_lists, states, step) -> list[dict]:
@@ -160,10 +170,7 @@ def _blame(gguf, weights: RecipeWeights, il: int, token_lists, states, step) -> 
     for name in tensors:
         step(f"blame {name}")
         alone = build(gguf.config, weights.restricted({name}))
-        cosines = np.concatenate([
-            rowwise_cosine(exact[il + 1], _isolated(alone, tokens, exact, [il])[il])
-            for tokens, exact in zip(token_lists, states)
-        ])
+        cosines = _cosines(states, il, _isolated(alone, token_lists, states, [il])[il])
         losses[name] = float(np.sum(1.0 - cosines))
         minimums[name] = float(cosines.min())
     total = sum(losses.values())
