@@ -149,6 +149,39 @@ def quantize_linear(
     return _quantize_rows(weight, fmt, importance)
 
 
+def _best_shrink(
+    fmt: LinearFormat, blocks: np.ndarray, low: np.ndarray, high: np.ndarray, importance: np.ndarray
+) -> np.ndarray:
+    """Per block, the SHRINK_FACTORS entry whose levels give the least importance-weighted squared
+    error (the first of equals). Two reused buffers hold each candidate's rounding and error:
+    the search is most of a large matrix's quantization time, and fresh temporaries per
+    candidate cost more than the arithmetic."""
+    code_min, code_max = fmt.code_range
+    weights = np.asarray(importance, np.float32).reshape(1, 1, blocks.shape[2], blocks.shape[3])
+    error, weighted = np.empty_like(blocks), np.empty_like(blocks)
+    best_error, best_factor = None, None
+    for factor in SHRINK_FACTORS:
+        scale, offset = _scale_and_offset(fmt, low * factor, high * factor)
+        scale = scale.astype(np.float32)
+        np.divide(blocks, scale, out=error)
+        np.rint(error, out=error)
+        error += offset
+        np.clip(error, code_min, code_max, out=error)
+        error -= offset
+        error *= scale
+        np.subtract(blocks, error, out=error)
+        np.multiply(weights, error, out=weighted)
+        weighted *= error
+        candidate = np.sum(weighted, axis=(1, 3), keepdims=True)
+        if best_error is None:
+            best_error, best_factor = candidate, np.full(candidate.shape, factor)
+            continue
+        better = candidate < best_error
+        best_error = np.where(better, candidate, best_error)
+        best_factor = np.where(better, factor, best_factor)
+    return best_factor
+
+
 def _quantize_rows(weight: np.ndarray, fmt: LinearFormat, importance: np.ndarray | None) -> LinearTensor:
     rows, cols = weight.shape
     block_rows, block_cols = _block_shape(fmt, rows, cols)
@@ -168,24 +201,10 @@ def _quantize_rows(weight: np.ndarray, fmt: LinearFormat, importance: np.ndarray
         codes = np.clip(np.rint(blocks / scale.astype(np.float32)) + offset, code_min, code_max)
         return codes, scale, offset
 
-    codes, scale, offset = levels(1.0)
-    if importance is not None:
-        weights = np.asarray(importance, np.float32).reshape(1, 1, grid[2], block_cols)
-
-        def weighted_error(codes, scale, offset):
-            error = blocks - (codes - offset) * scale.astype(np.float32)
-            return np.sum(weights * error * error, axis=(1, 3), keepdims=True)
-
-        best_error = weighted_error(codes, scale, offset)
-        for factor in SHRINK_FACTORS[1:]:
-            candidate = levels(factor)
-            error = weighted_error(*candidate)
-            better = error < best_error
-            best_error = np.where(better, error, best_error)
-            codes = np.where(better, candidate[0], codes)
-            scale = np.where(better, candidate[1], scale)
-            offset = np.where(better, candidate[2], offset)
-
+    if importance is None:
+        codes, scale, offset = levels(1.0)
+    else:
+        codes, scale, offset = levels(_best_shrink(fmt, blocks, low, high, importance))
     code_dtype = np.int8 if fmt.signed else np.uint8
     scale_shape = (grid[0], grid[2])
     stored_offset = None
