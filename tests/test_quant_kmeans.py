@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from anepack.quant.kmeans import _sorted_with_order, kmeans_1d, kmeans_1d_exact, nearest_labels
+from anepack.quant.kmeans import _sorted_with_order, kmeans_1d, kmeans_1d_exact, kmeans_1d_float16, nearest_labels
 
 # kmeans_1d's stated tolerance on heavy-tailed groups of realistic size: the total squared
 # error of all groups within 0.5% of the optimum (0.022 dB of SQNR), every group within 5%.
@@ -150,6 +150,34 @@ def test_exact_agrees_with_coremltools_kmeans1d_on_a_large_group():
         theirs = np.asarray(result.centroids)[np.asarray(result.clusters)]
         reference = float((counts * (unique.astype(np.float64) - theirs) ** 2).sum())
         assert ours[group] == pytest.approx(reference, rel=1e-6)
+
+
+def test_one_lut_over_a_huge_tensor_is_coremltools_clustering_of_its_float16_values():
+    """A per-tensor LUT over more than LARGE_GROUP_ELEMENTS values goes through the float16
+    histogram (kmeans_1d_float16): its squared error equals coremltools' kmeans1d on the unique
+    fp16 values with counts as weights, as palettize_weights calls it; importance-weighted, it
+    equals the exact DP over every element."""
+    from anepack.quant.lut import LARGE_GROUP_ELEMENTS, quantize_lut
+    from anepack.quant.formats import parse_format
+
+    kmeans1d = pytest.importorskip("coremltools._deps.kmeans1d")
+    rng = np.random.default_rng(3)
+    rows, cols = 4096, LARGE_GROUP_ELEMENTS // 4096 + 64
+    weight = (rng.standard_t(5, size=(rows, cols)) * 0.03).astype(np.float16).astype(np.float32)
+    palettized = quantize_lut(weight, parse_format("lut4-tensor"))
+    error = float(np.sum((weight.astype(np.float64) - palettized.dequantize().astype(np.float64)) ** 2))
+    unique, counts = np.unique(weight, return_counts=True)
+    result = kmeans1d.cluster(unique.astype(np.float64), 16, weights=counts.astype(np.float64))
+    theirs = np.asarray(result.centroids)[np.asarray(result.clusters)].astype(np.float16).astype(np.float64)
+    reference = float((counts * (unique.astype(np.float64) - theirs) ** 2).sum())
+    assert error == pytest.approx(reference, rel=1e-6)
+
+    small = weight[:96, :80]
+    row_weights, column_weights = rng.gamma(1.0, size=96), rng.gamma(0.5, size=80)
+    exact, _ = kmeans_1d_exact(small.reshape(1, -1), 16, (row_weights[:, None] * column_weights).reshape(1, -1))
+    np.testing.assert_allclose(kmeans_1d_float16(small, 16, row_weights, column_weights), exact[0], rtol=1e-6)
+    with pytest.raises(ValueError, match="float16's range"):
+        kmeans_1d_float16(np.array([[1.0, 7e4]]), 2)
 
 
 @pytest.mark.parametrize("solver", [kmeans_1d, kmeans_1d_exact])

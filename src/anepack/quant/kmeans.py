@@ -85,6 +85,40 @@ def kmeans_1d_exact(
     return _cluster_groups(values, k, weights, _exact_boundaries, _EXACT_CHUNK_ELEMENTS)
 
 
+def kmeans_1d_float16(
+    values: np.ndarray, k: int, row_weights: np.ndarray | None = None, column_weights: np.ndarray | None = None
+) -> np.ndarray:
+    """Optimal ``k`` centroids (float32, ascending) of one group, the whole ``[rows, cols]``
+    ``values``, clustered as their float16 values: each distinct float16 value is one point
+    weighted by the summed weights (``row_weights[r] * column_weights[c]``, or counts) of the
+    elements that round to it, coremltools' method for large groups. Memory stays near one
+    chunk of rows and 65536 bins, where the sorted path needs about 50 bytes per element (9 GB
+    for a 262144 x 640 LM head). Values beyond float16's range raise ValueError.
+    """
+    values = np.asarray(values, dtype=np.float32)
+    low, high = float(values.min()), float(values.max())  # NaN propagates; no full-size temporaries
+    if not (np.isfinite(low) and np.isfinite(high)) or max(-low, high) > float(np.finfo(np.float16).max):
+        raise ValueError("values must be finite and within float16's range")
+    totals = np.zeros(1 << 16, dtype=np.float64)
+    step = max(1, _CHUNK_ELEMENTS // values.shape[1])
+    for start in range(0, values.shape[0], step):
+        bits = values[start : start + step].astype(np.float16).view(np.uint16)
+        weights = None
+        if row_weights is not None or column_weights is not None:
+            rows = (np.ones(bits.shape[0]) if row_weights is None
+                    else np.asarray(row_weights, np.float64)[start : start + step])
+            columns = np.ones(bits.shape[1]) if column_weights is None else np.asarray(column_weights, np.float64)
+            weights = (rows[:, None] * columns[None, :]).ravel()
+        totals += np.bincount(bits.ravel(), weights=weights, minlength=1 << 16)
+    present = np.flatnonzero(totals > 0)
+    if present.size == 0:  # every weight zero: cluster the values unweighted
+        return kmeans_1d_float16(values, k)
+    points = present.astype(np.uint16).view(np.float16).astype(np.float32)
+    order = np.argsort(points, kind="stable")
+    centroids, _ = kmeans_1d_exact(points[order][None, :], k, totals[present][order][None, :])
+    return centroids[0]
+
+
 def nearest_labels(values: np.ndarray, levels: np.ndarray) -> np.ndarray:
     """Per group, the index of the nearest of ``levels`` (``[G, k]``, ascending) for each of
     ``values`` (``[G, n]``, compared as float32), the lower index on a tie; uint8 ``[G, n]``.

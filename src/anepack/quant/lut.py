@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from anepack.quant.formats import FormatSpecError, LutFormat, VectorLutFormat
-from anepack.quant.kmeans import kmeans_1d, nearest_labels
+from anepack.quant.kmeans import kmeans_1d, kmeans_1d_float16, nearest_labels
 from anepack.quant.linear import blockwise_shift_scale, float16_scale, symmetric_codes
 from anepack.quant.packing import QuantizedTensor
 
@@ -24,6 +24,9 @@ INT8_LUT_CODE_MAX = 127  # coremltools' symmetric int8 range
 # Vector k-means: Lloyd stops when a step lowers the weighted error by less than this
 # fraction (the long tail of tiny moves changes nothing that matters) or after the step cap;
 # distances of this many vectors to all centroids are held in memory at once.
+# One LUT over more elements than this (a per-tensor LUT on an LM head) is clustered over the
+# distinct float16 values (kmeans_1d_float16): the sorted path would hold ~50 bytes per element.
+LARGE_GROUP_ELEMENTS = 1 << 23
 _VECTOR_SETTLED_FRACTION = 1e-4
 _VECTOR_LLOYD_STEPS = 40
 _VECTOR_CHUNK = 1 << 18
@@ -122,6 +125,17 @@ def _stored_lut(centroids: np.ndarray, int8_lut: bool):
     return codes, scale, decoded
 
 
+def _error_weights(rows, cols, group, row_weights, column_weights) -> np.ndarray | None:
+    """Per-element k-means error weights, ``[groups, group * cols]``, or one group-long row
+    when every group shares them (importance per column, no per-channel scale)."""
+    if row_weights is None:
+        return None if column_weights is None else np.tile(column_weights, group)[None, :]
+    per_element = np.broadcast_to(row_weights[:, None], (rows, cols))
+    if column_weights is not None:
+        per_element = per_element * column_weights
+    return per_element.reshape(rows // group, group * cols)
+
+
 def quantize_lut(
     weight: np.ndarray, fmt: LutFormat, importance: np.ndarray | None = None
 ) -> PalettizedTensor:
@@ -133,20 +147,23 @@ def quantize_lut(
     channel_scale = None
     values = weight
     column_weights = None if importance is None else np.asarray(importance, np.float32)
-    # Per-element error weights for k-means, kept as one group-long row when all groups
-    # share them (importance per column); with a per-channel scale, an error e in the
-    # normalized row is an error e * scale in the weight, so each row weighs scale^2 more.
-    error_weights = None if column_weights is None else np.tile(column_weights, group)[None, :]
+    # With a per-channel scale, an error e in the normalized row is an error e * scale in
+    # the weight, so each row weighs scale^2 more.
+    row_weights = None
     if fmt.per_channel_scale:
         channel_scale = float16_scale(np.abs(weight).max(axis=1, keepdims=True))
         row_scale = channel_scale.astype(np.float32)
         values = weight / row_scale
-        row_weights = np.broadcast_to(row_scale * row_scale, (rows, cols))
-        if column_weights is not None:
-            row_weights = row_weights * column_weights
-        error_weights = row_weights.reshape(rows // group, group * cols)
+        row_weights = (row_scale * row_scale)[:, 0]
     grouped = values.reshape(rows // group, group * cols)
-    centroids, _ = kmeans_1d(grouped, fmt.entries, error_weights)
+    if group * cols > LARGE_GROUP_ELEMENTS:
+        centroids = np.stack([
+            kmeans_1d_float16(values[start : start + group], fmt.entries,
+                              None if row_weights is None else row_weights[start : start + group], column_weights)
+            for start in range(0, rows, group)
+        ])
+    else:
+        centroids, _ = kmeans_1d(grouped, fmt.entries, _error_weights(rows, cols, group, row_weights, column_weights))
     lut, lut_scale, decoded = _stored_lut(centroids, fmt.int8_lut)
     indices = nearest_labels(grouped, decoded).reshape(rows, cols)
     lut_shape = (rows // group, 1, fmt.entries, 1)
