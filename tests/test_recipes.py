@@ -11,6 +11,7 @@ from anepack.source import open_gguf
 from anepack.synth import write_synthetic_gguf
 from anepack.validate.bits import recipe_bits
 from anepack.validate.recipes import builtin_recipe_names, load_recipe, parse_layers, parse_recipe
+from anepack.validate.run import ValidationContext, golden_run, layers_run
 
 TEXT = """
 name = "mixed"
@@ -57,7 +58,7 @@ def test_bad_recipes_name_file_and_problem(tmp_path):
 
 def test_builtin_recipes_reproduce_the_brief():
     names = builtin_recipe_names()
-    for name in ("int8-per-tensor", "int8-per-channel", "int4-per-block", "lut4-grouped"):
+    for name in ("int8-per-tensor", "int8-per-channel", "int4-per-block", "lut4-grouped", "default"):
         assert name in names
     assert load_recipe("int4-per-block").format_for("blk.3.attn_q.weight").spec == "int4-block32"
     assert not load_recipe("int4-per-block").rules[0].format.ane_safe
@@ -81,3 +82,25 @@ def test_counted_bits_equal_the_quantized_payload(tmp_path):
         layer_rows = [row for row in rows if row["layer"] is not None]
         expected = sum(r["bits_per_weight"] * r["parameters"] for r in layer_rows) / sum(r["parameters"] for r in layer_rows)
         assert bits["layers_average"] == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.slow
+def test_default_recipe_passes_the_layer_gate_and_the_golden_check_on_the_default_model(default_model_path):
+    """The built-in `default` recipe (searched on the calibration prompts) against the exact numpy
+    reference (matched to llama.cpp in test_reference.py) on the held-out golden prompts: every
+    layer's isolated and cumulative hidden-state cosine >= 0.97, logit cosine >= 0.97 at every
+    position, top-1 agreement >= 0.90 pooled; ANE-safe formats only, the LM head at 6 bits and its LUT."""
+    recipe = load_recipe("default")
+    assert all(rule.format.ane_safe for rule in recipe.rules)
+    with open_gguf(default_model_path) as gguf:
+        context = ValidationContext.prepare(gguf)
+        weights = context.weights(recipe)
+        layers = layers_run(context, recipe, list(range(gguf.config.n_layers)), with_blame=False, weights=weights)
+        golden = golden_run(context, recipe, weights=weights)
+    worst = min(min(layer["isolated_min"], layer["cumulative_min"]) for layer in layers["layers"])
+    assert layers["passed"], worst
+    assert all(prompt["min_cosine"] >= 0.97 for prompt in golden["prompts"]), golden["prompts"]
+    assert golden["top1_pooled"] >= 0.90 and golden["passed"]
+    # 6 bits per index plus the one 64-entry float16 LUT: 1024 bits over 168M weights
+    assert golden["bits"]["lm_head"] == pytest.approx(6.0 + 1024 / (262144 * 640))
+    assert golden["bits"]["layers_average"] < 8.0  # fewer bits than uniform int8-per-channel (8.02)

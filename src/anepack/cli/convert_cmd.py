@@ -17,8 +17,9 @@ from anepack.source.gguf_file import open_gguf
 
 @click.command()
 @model_argument
-@click.option("--recipe", "recipe_name", default="int8-per-channel", show_default=True,
-              help="Built-in recipe or TOML file (the searched mixed-bit default is not built yet).")
+@click.option("--recipe", "recipe_name",
+              help="Built-in recipe or TOML file [default: 'default' on the default model, whose tensors it "
+                   "was searched for; 'int8-per-channel' on any other model].")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output directory.")
 @click.option("--max-shard-mb", default=1024.0, show_default=True, help="Size budget per .mlpackage.")
 @click.option("--chunk", default=64, show_default=True, help="Prefill chunk T (tokens per prefill call).")
@@ -35,7 +36,9 @@ def convert(model, recipe_name, out_dir, max_shard_mb, chunk, context_length, fo
     from anepack.validate.history import RunStore
     from anepack.validate.recipes import load_recipe
 
-    recipe = load_recipe(recipe_name)
+    # The built-in `default` recipe names the default model's tensors and layers, so only that
+    # model gets it unasked.
+    recipe = load_recipe(recipe_name or ("default" if model is None else "int8-per-channel"))
     options = ConvertOptions(chunk=chunk, context=context_length, max_shard_mb=max_shard_mb, force=force,
                              use_importance=importance)
     started = time.perf_counter()

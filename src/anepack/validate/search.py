@@ -229,15 +229,16 @@ def search_recipe(
 
     assignment = {tensor: FP16 for tensor in layer_tensors} | assignment | {LM_HEAD: head}
     log += [f"{tensor}: {fmt.spec}" for tensor, fmt in assignment.items()]
-    recipe = _as_recipe(name, assignment, min_layer_cosine, min_final_cosine, max_bpw)
+    final = "" if min_final_cosine is None else f", the final hidden state's >= {min_final_cosine}"
+    targets = (f"every layer's cumulative hidden-state cosine >= {min_layer_cosine}{final}, logit cosine >= "
+               f"{min_logit_cosine} at every position and top-1 >= {min_top1} on the calibration prompts")
+    recipe = _as_recipe(name, assignment, f"{targets}; budget {max_bpw} bits per weight")
     _, bits = recipe_bits(gguf, recipe)
     return SearchResult(recipe, bits, alone, best.layer_cosine, best.final_cosine, best.logit_cosine, best.top1,
                         log, within_budget=bits["layers_average"] <= max_bpw)
 
 
-def _as_recipe(
-    name: str, assignment: dict[str, Format], min_cos: float, min_final: float | None, max_bpw: float
-) -> Recipe:
+def _as_recipe(name: str, assignment: dict[str, Format], targets: str) -> Recipe:
     """One exact-name rule per tensor, grouped into per-kind rules where a kind shares a format."""
     by_kind: dict[str, dict[str, list[int]]] = {}
     for tensor, fmt in assignment.items():
@@ -249,8 +250,6 @@ def _as_recipe(
         for spec, layers in sorted(formats.items()):
             pattern = kind if layers == [-1] else f"blk.*.{kind}"
             rules.append(Rule(pattern, parse_format(spec), None if layers == [-1] else frozenset(layers)))
-    final = "" if min_final is None else f", the final hidden state's >= {min_final}"
-    description = (f"mixed-bit recipe from 'anepack recipe search': every layer's cumulative hidden-state "
-                   f"cosine >= {min_cos}{final} on the calibration prompts; budget {max_bpw} bits per weight")
+    description = f"mixed-bit recipe from 'anepack recipe search': {targets}"
     recipe = Recipe(name, description, tuple(rules))
     return Recipe(name, description, tuple(rules), recipe.to_toml())
