@@ -1,6 +1,6 @@
 """The brief's story on a model, in numbers: one row per recipe from the layer and golden validators.
 
-    python benchmarks/brief_story.py [MODEL] [--recipes int8-per-tensor,int8-per-channel,lut4-grouped]
+    python benchmarks/brief_story.py [MODEL] [--recipes int8-per-tensor,int8-per-channel,lut4-grouped,default]
 
 Each row: bits per weight (layers, LM head), the layer validator over every layer (worst
 isolated and cumulative hidden-state cosine, the layers below 0.97, the most-blamed tensor of
@@ -23,7 +23,7 @@ from anepack.validate.run import ValidationContext, golden_run, layers_run
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("model", nargs="?")
-    parser.add_argument("--recipes", default="int8-per-tensor,int8-per-channel,lut4-grouped")
+    parser.add_argument("--recipes", default="int8-per-tensor,int8-per-channel,lut4-grouped,default")
     args = parser.parse_args()
     rows = []
     with open_gguf(resolve_model(args.model)) as gguf:
