@@ -99,16 +99,15 @@ def kmeans_1d_float16(
     low, high = float(values.min()), float(values.max())  # NaN propagates; no full-size temporaries
     if not (np.isfinite(low) and np.isfinite(high)) or max(-low, high) > float(np.finfo(np.float16).max):
         raise ValueError("values must be finite and within float16's range")
+    n_rows, n_cols = values.shape
+    weighted = row_weights is not None or column_weights is not None
+    rows = np.ones(n_rows) if row_weights is None else np.asarray(row_weights, np.float64)
+    columns = np.ones(n_cols) if column_weights is None else np.asarray(column_weights, np.float64)
     totals = np.zeros(1 << 16, dtype=np.float64)
-    step = max(1, _CHUNK_ELEMENTS // values.shape[1])
-    for start in range(0, values.shape[0], step):
+    step = max(1, _CHUNK_ELEMENTS // n_cols)
+    for start in range(0, n_rows, step):
         bits = values[start : start + step].astype(np.float16).view(np.uint16)
-        weights = None
-        if row_weights is not None or column_weights is not None:
-            rows = (np.ones(bits.shape[0]) if row_weights is None
-                    else np.asarray(row_weights, np.float64)[start : start + step])
-            columns = np.ones(bits.shape[1]) if column_weights is None else np.asarray(column_weights, np.float64)
-            weights = (rows[:, None] * columns[None, :]).ravel()
+        weights = (rows[start : start + step, None] * columns[None, :]).ravel() if weighted else None
         totals += np.bincount(bits.ravel(), weights=weights, minlength=1 << 16)
     present = np.flatnonzero(totals > 0)
     if present.size == 0:  # every weight zero: cluster the values unweighted

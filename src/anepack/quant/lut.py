@@ -21,12 +21,12 @@ from anepack.quant.packing import QuantizedTensor
 
 INT8_LUT_CODE_MAX = 127  # coremltools' symmetric int8 range
 
-# Vector k-means: Lloyd stops when a step lowers the weighted error by less than this
-# fraction (the long tail of tiny moves changes nothing that matters) or after the step cap;
-# distances of this many vectors to all centroids are held in memory at once.
 # One LUT over more elements than this (a per-tensor LUT on an LM head) is clustered over the
 # distinct float16 values (kmeans_1d_float16): the sorted path would hold ~50 bytes per element.
 LARGE_GROUP_ELEMENTS = 1 << 23
+# Vector k-means: Lloyd stops when a step lowers the weighted error by less than this
+# fraction (the long tail of tiny moves changes nothing that matters) or after the step cap;
+# distances of this many vectors to all centroids are held in memory at once.
 _VECTOR_SETTLED_FRACTION = 1e-4
 _VECTOR_LLOYD_STEPS = 40
 _VECTOR_CHUNK = 1 << 18
