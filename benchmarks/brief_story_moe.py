@@ -1,15 +1,16 @@
 """The brief's section-1 story on the synthetic Gemma 4 MoE model, told by the validators.
 
-    python benchmarks/brief_story_moe.py [--scope banks|all] [--seed 1] [--prompts PROMPTS.jsonl]
+    python benchmarks/brief_story_moe.py [--scope banks|all] [--seed 1] [--prompts PROMPTS.jsonl] [--also FORMAT]
 
 Writes the synthetic MoE model (preset ``moe``: 4 layers, hidden 256, 16 experts, top-4, a
 dense MLP beside them), calibrates on the built-in calibration prompts, and for each way of
 quantizing the expert banks prints one table row: bits per weight of the banks, the worst
 expert bank's weight SQNR, the layer validator's isolated minimum cosine on every sampled layer
 and its cumulative minimum on the last, and the golden check against the exact reference (worst
-per-position logit cosine, top-1 agreement pooled over all positions, verdict at the default
-thresholds). First it prints the exact model's realism statistics, the ones that decide how
-bank error reaches the verdict, beside Gemma 3 270M's (the default model, on the same prompts,
+per-position logit cosine, top-1 agreement pooled over all positions, the share of positions the
+last MoE layer routes to the same experts as the exact model, the worst logit cosine again with
+every token forced onto the exact model's experts, verdict at the default thresholds). First it prints the exact model's realism statistics, the ones that decide how bank
+error reaches the verdict, beside Gemma 3 270M's (the default model, on the same prompts,
 positions after BOS): next-token peakedness (mean top-1 probability, median top-1 minus top-2
 logit), the median update ratio |h_l+1 - h_l| / |h_l| per layer (also outside the highest-energy
 channels), and anisotropy: the energy share of the top few residual channels (massive
@@ -32,9 +33,11 @@ from typing import NamedTuple
 import numpy as np
 
 from anepack import synth
+from anepack.metrics import rowwise_cosine
 from anepack.quant.metrics import weight_error
 from anepack.reference import build
 from anepack.reference.common import rms_norm
+from anepack.reference.gemma4 import ForcedRouting, RecordedRouting
 from anepack.source.default_model import resolve_model
 from anepack.source.gguf_file import open_gguf
 from anepack.validate.layers import sample_layers
@@ -153,12 +156,30 @@ def realism(gguf, tokens: list[np.ndarray]) -> Realism:
     )
 
 
+def exact_routing_cosine(gguf, weights: RecipeWeights, token_lists) -> float:
+    """Worst per-position logit cosine of the quantized stack made to route every token to the
+    exact model's experts (weighted by its own router probabilities over them): what the
+    golden check would see if quantization moved no token to another expert."""
+    exact = build(gguf.config, ExactWeights(gguf))
+    quantized = build(gguf.config, weights)
+    worst = 1.0
+    for tokens in token_lists:
+        exact.router = recorded = RecordedRouting()
+        reference = exact.forward(tokens).logits
+        quantized.router = ForcedRouting(recorded.choices())
+        worst = min(worst, float(rowwise_cosine(reference, quantized.forward(tokens).logits).min()))
+    return worst
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--scope", choices=sorted(SCOPES), default="banks")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--prompts", help="validation prompts (JSONL); default: the built-in golden prompts")
+    parser.add_argument("--also", action="append", default=[], metavar="FORMAT",
+                        help="one more row: the banks in FORMAT, per expert (repeatable)")
     args = parser.parse_args()
+    rows = ROWS + tuple((f"{fmt}, per expert", fmt, False) for fmt in args.also)
 
     dims, _ = synth.preset("gemma4", "moe")
     with tempfile.TemporaryDirectory() as folder:
@@ -177,10 +198,10 @@ def main() -> None:
             for note in context.record("layers", story_recipe("fp16", args.scope), {})["notes"]:
                 print(f"note: {note}")
             header = (f"{'expert banks':30} {'bits':>5} {'bank SQNR':>9}  {'isolated min per layer':28} "
-                      f"{'cumul.':>6} {'logit cos':>9} {'top-1':>5}  golden")
+                      f"{'cumul.':>6} {'logit cos':>9} {'top-1':>5} {'routed':>6} {'forced':>6}  golden")
             print(header)
             print("-" * len(header))
-            for label, fmt, whole_banks in ROWS:
+            for label, fmt, whole_banks in rows:
                 started = time.perf_counter()
                 recipe = story_recipe(fmt, args.scope)
                 weights = RecipeWeights(gguf, recipe, context.importance, whole_banks=whole_banks)
@@ -193,7 +214,8 @@ def main() -> None:
                 print(f"{label:30} {bits:5.2f} {sqnr:7.1f}dB  {isolated:28} "
                       f"{layer_record['layers'][-1]['cumulative_min']:6.4f} "
                       f"{min(p['min_cosine'] for p in golden['prompts']):9.4f} "
-                      f"{golden['top1_pooled']:5.2f}  "
+                      f"{golden['top1_pooled']:5.2f} {golden['routing'][-1]['same_experts']:6.2f} "
+                      f"{exact_routing_cosine(gguf, weights, context.tokens):6.4f}  "
                       f"{'pass' if golden['passed'] else 'FAIL'}  ({time.perf_counter() - started:.0f} s)")
 
 

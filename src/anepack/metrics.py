@@ -1,4 +1,5 @@
-"""Fidelity metrics shared by every stage: cosine, SQNR, KL divergence, top-1 agreement.
+"""Fidelity metrics shared by every stage: cosine, SQNR, KL divergence, top-1 agreement,
+and the agreement of two MoE routers' expert choices.
 
 All functions take float arrays and compute in float64 so that the metric itself adds no
 error to what it measures.
@@ -57,3 +58,16 @@ def kl_divergence(reference_logits: np.ndarray, test_logits: np.ndarray) -> np.n
 def top1_agreement(reference_logits: np.ndarray, test_logits: np.ndarray) -> np.ndarray:
     """Per row: True where both logit vectors pick the same most likely token."""
     return np.argmax(reference_logits, axis=-1) == np.argmax(test_logits, axis=-1)
+
+
+def routing_agreement(reference_experts: np.ndarray, test_experts: np.ndarray) -> tuple[float, float]:
+    """Of two routers' choices ``[T, k]`` (expert indices, any order within a row): the fraction
+    of positions routed to the same set of experts, and the mean fraction of its k experts a
+    position keeps."""
+    reference = np.sort(np.asarray(reference_experts), axis=-1)
+    test = np.sort(np.asarray(test_experts), axis=-1)
+    if reference.shape != test.shape:
+        raise ValueError(f"routing shapes differ: {reference.shape} vs {test.shape}")
+    same_set = np.all(reference == test, axis=-1)
+    kept = (reference[:, :, None] == test[:, None, :]).any(axis=-1).mean(axis=-1)
+    return float(same_set.mean()), float(kept.mean())

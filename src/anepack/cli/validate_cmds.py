@@ -180,6 +180,9 @@ def golden_command(model, recipe_name, golden_path, min_cosine, min_top1, prompt
     def render(doc: dict) -> None:
         render_checks(doc, f"recipe {recipe.name}: quantized stack vs reference logits (run {doc['run']})")
         console.print(_bits_line(doc["bits"]))
+        for note in doc["record"]["notes"]:
+            if note.startswith("routing:"):
+                console.print(note)
 
     emit(document, as_json, render)
 

@@ -17,7 +17,9 @@ import numpy as np
 
 from anepack.errors import AnepackError
 from anepack.golden import Golden, Prompt, Thresholds as GoldenThresholds, compare, load_prompts, verdict
+from anepack.metrics import routing_agreement
 from anepack.reference import build
+from anepack.reference.gemma4 import RecordedRouting
 from anepack.source.default_model import cache_dir
 from anepack.source.fingerprint import file_fingerprint
 from anepack.source.gguf_file import GGUFFile
@@ -146,6 +148,12 @@ def golden_run(
     thresholds = GoldenThresholds(min_logit_cosine, min_top1)
     weights = weights or context.weights(recipe)
     quantized = build(context.gguf.config, weights)
+    # A routed model's quantized stack may send tokens to other experts than the exact model:
+    # recorded when the exact model runs (no golden file), it says how much of the loss is routing.
+    routed = any(getattr(context.gguf.config, "moe_layers", ()))  # only Gemma 4 configs have routers
+    exact_routing = RecordedRouting() if golden is None and routed else None
+    if exact_routing is not None:
+        quantized.router = RecordedRouting()
     # prompt_logits runs the (streamed) LM head once over every prompt, not once per prompt
     if golden is not None:
         names = [p.name for p in golden.prompts]
@@ -155,14 +163,38 @@ def golden_run(
     else:
         names, token_lists = [p.name for p in context.prompts], context.tokens
         step("exact reference")
-        expected = build(context.gguf.config, weights.exact).prompt_logits(token_lists)
+        exact = build(context.gguf.config, weights.exact)
+        if exact_routing is not None:
+            exact.router = exact_routing
+        expected = exact.prompt_logits(token_lists)
         record["notes"].append("golden logits from the exact numpy reference of the source model")
     step("quantized stack")
     for name, reference, test in zip(names, expected, quantized.prompt_logits(token_lists)):
         record["prompts"].append(compare(name, reference, test).summary(thresholds))
     record.update(verdict(record["prompts"], thresholds))
+    if exact_routing is not None:
+        record["routing"] = _routing_agreement(exact_routing, quantized.router)
+        record["notes"].append(_routing_agreement_note(record["routing"]))
     record["timings"]["golden_s"] = time.perf_counter() - started
     return record
+
+
+def _routing_agreement(exact: RecordedRouting, quantized: RecordedRouting) -> list[dict]:
+    """Per MoE layer, how often the quantized stack routed a position as the exact model did."""
+    test = quantized.choices()
+    results = []
+    for il, reference in sorted(exact.choices().items()):
+        same_experts, shared_experts = routing_agreement(reference, test[il])
+        results.append({"layer": il, "same_experts": same_experts, "shared_experts": shared_experts})
+    return results
+
+
+def _routing_agreement_note(routing: list[dict]) -> str:
+    worst = min(routing, key=lambda layer: layer["same_experts"])
+    mean = sum(layer["same_experts"] for layer in routing) / len(routing)
+    return (f"routing: positions sent to the exact model's experts {mean:.1%} on average over {len(routing)} "
+            f"MoE layers, fewest on layer {worst['layer']} ({worst['same_experts']:.1%}; "
+            f"{worst['shared_experts']:.1%} of the chosen experts kept)")
 
 
 def gate_run(
