@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from anepack.golden import load_prompts
+from anepack.metrics import cosine
 from anepack.quant import quantize
 from anepack.quant.metrics import output_sqnr_db
 from anepack.source import open_gguf
@@ -46,3 +47,63 @@ def test_importance_lowers_held_out_output_error(measured, name):
     plain = output_sqnr_db(weight, quantize(weight, "lut4-g16").dequantize(), activations)
     weighted = output_sqnr_db(weight, quantize(weight, "lut4-g16", importance.get(name)).dequantize(), activations)
     assert weighted > plain + 0.5, (name, plain, weighted)
+
+
+def test_head_rows_weigh_llamacpp_mean_next_token_probability(measured, default_model_path):
+    """The LM head's row importance is each token's mean probability over the calibration
+    positions: compared with llama.cpp's logits on the same tokens."""
+    from anepack.llamacpp import LlamaCppReferee
+    from anepack.source.weights import LM_HEAD
+    from anepack.validate.calibration import ROW_IMPORTANCE_FLOOR
+
+    importance, _, _ = measured
+    with open_gguf(default_model_path) as gguf:
+        _, calibration = calibration_tokens(gguf)
+    referee = LlamaCppReferee(default_model_path)
+    try:
+        total = 0.0
+        for tokens in calibration:
+            logits = referee.logits(tokens).astype(np.float64)
+            probability = np.exp(logits - logits.max(axis=1, keepdims=True))
+            total = total + (probability / probability.sum(axis=1, keepdims=True)).sum(axis=0)
+    finally:
+        referee.close()
+    theirs = total / sum(len(tokens) for tokens in calibration)
+    ours = importance.output_rows[LM_HEAD].astype(np.float64)
+    assert ours.sum() == pytest.approx(1.0, rel=1e-4)
+    # llama.cpp rounds activations to 8 bits in its matmuls, the reference does not: measured
+    # cosine 0.99979, total variation 0.018, 49 of the 50 most likely tokens shared
+    assert cosine(ours, theirs) > 0.999
+    assert 0.5 * np.abs(ours - theirs).sum() < 0.03
+    assert len(set(np.argsort(-ours)[:50]) & set(np.argsort(-theirs)[:50])) >= 45
+    rows = importance.rows(LM_HEAD)
+    np.testing.assert_allclose(rows, ours * len(ours) + ROW_IMPORTANCE_FLOOR, rtol=1e-6)
+
+
+def test_head_row_importance_keeps_more_held_out_top1_tokens(measured, default_model_path):
+    """LUT6 per tensor on the (tied) LM head, over the exact final states of the golden prompts:
+    weighting rows by calibration probability keeps more of the exact top-1 tokens.
+    Measured: top-1 agreement 0.923 unweighted by rows, 0.953 weighted."""
+    from anepack.reference import build
+    from anepack.reference.common import rms_norm
+    from anepack.source.weights import LM_HEAD, source_weights
+
+    importance, _, _ = measured
+    with open_gguf(default_model_path) as gguf:
+        model = build(gguf.config, source_weights(gguf))
+        states = []
+        for tokens in tokenize(gguf, load_prompts()):
+            hidden = model.embed(tokens)
+            for il in range(gguf.config.n_layers):
+                hidden = model.layer(il, hidden)
+            states.append(rms_norm(hidden, gguf.tensor("output_norm.weight"), gguf.config.rms_eps))
+        head = gguf.tensor("token_embd.weight")
+    states = np.concatenate(states)
+    exact_top1 = np.argmax(states @ head.T, axis=1)
+
+    def agreement(row_importance) -> float:
+        quantized = quantize(head, "lut6-tensor", importance.get(LM_HEAD), row_importance=row_importance)
+        return float(np.mean(np.argmax(states @ quantized.dequantize().astype(np.float32).T, axis=1) == exact_top1))
+
+    plain, weighted = agreement(None), agreement(importance.rows(LM_HEAD))
+    assert weighted > plain + 0.015, (plain, weighted)

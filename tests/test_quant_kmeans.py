@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from anepack.errors import AnepackError
 from anepack.quant.kmeans import _sorted_with_order, kmeans_1d, kmeans_1d_exact, kmeans_1d_float16, nearest_labels
 
 # kmeans_1d's stated tolerance on heavy-tailed groups of realistic size: the total squared
@@ -276,3 +277,24 @@ def test_sorting_by_integer_keys_matches_numpys_stable_argsort():
     sorted_values, order = _sorted_with_order(values)
     np.testing.assert_array_equal(sorted_values, np.sort(values, axis=1))
     np.testing.assert_array_equal(order, np.argsort(values, axis=1, kind="stable"))
+
+
+@pytest.mark.parametrize("large_group", [False, True])
+def test_row_importance_gives_a_heavy_row_its_own_levels(large_group, monkeypatch):
+    """Closed form: two rows, four LUT entries. Row A (0, 1, 2, 3) weighs a million times row B
+    (10..13): the optimum spends every entry on A's values, which then decode exactly; without
+    row weights the entries split between the rows and A loses two of its values. The same on
+    the float16 histogram path that one LUT over a huge tensor takes."""
+    from anepack import quant
+    from anepack.quant import lut
+
+    if large_group:
+        monkeypatch.setattr(lut, "LARGE_GROUP_ELEMENTS", 4)
+    weight = np.array([[0, 1, 2, 3], [10, 11, 12, 13]], dtype=np.float32)
+    weighted = quant.quantize(weight, "lut2-tensor", row_importance=np.array([1e6, 1.0])).dequantize()
+    np.testing.assert_array_equal(weighted[0], weight[0])
+    assert (weighted[1] == 3).all()  # B's values all go to the nearest of A's levels
+    plain = quant.quantize(weight, "lut2-tensor").dequantize()
+    assert np.sum(plain[0] != weight[0]) >= 2
+    with pytest.raises(AnepackError, match="row importance"):
+        quant.quantize(weight, "lut2-tensor", row_importance=np.ones(3))

@@ -12,12 +12,12 @@ from anepack.source.default_model import resolve_model
 from anepack.source.gguf_file import open_gguf
 
 
-def _measure(weight, fmt, importance, activations) -> dict:
+def _measure(weight, fmt, importance, activations, row_importance=None) -> dict:
     from anepack.quant import quantize
     from anepack.quant.metrics import quality
 
     started = time.perf_counter()
-    compressed = quantize(weight, fmt, importance)
+    compressed = quantize(weight, fmt, importance, row_importance=row_importance)
     seconds = time.perf_counter() - started
     return {"format": compressed.format.spec, "seconds": seconds, "ane_safe": compressed.format.ane_safe,
             **quality(weight, compressed, activations)}
@@ -54,8 +54,9 @@ def quantize_tensor(args: tuple[str, ...], formats: tuple[str, ...], importance:
             raise click.BadParameter(f"{tensor} is a vector, not a weight matrix", param_hint="TENSOR")
         with err_console.status("calibrating"):
             activations, importance_vectors = _prepare(gguf, {tensor}, importance)
-        columns = None if importance_vectors is None else importance_vectors.get(tensor)
-        results = [_measure(weight, fmt, columns, activations[tensor]) for fmt in parsed]
+        columns, rows = (None, None) if importance_vectors is None else (
+            importance_vectors.get(tensor), importance_vectors.rows(tensor))
+        results = [_measure(weight, fmt, columns, activations[tensor], rows) for fmt in parsed]
     document = {"model": str(gguf.path), "tensor": tensor, "shape": list(weight.shape),
                 "importance": columns is not None, "results": results}
     emit(document, as_json, _render_results)

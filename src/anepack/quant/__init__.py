@@ -69,12 +69,16 @@ def quantize(
     fmt: "str | Format",
     importance: np.ndarray | None = None,
     *,
+    row_importance: np.ndarray | None = None,
     whole_bank: bool = False,
 ) -> QuantizedTensor:
     """Compress ``weight`` (float ``[Cout, Cin]`` or expert bank ``[E, Cout, Cin]``) into ``fmt``.
 
     ``importance`` weighs each input column's squared error (llama.cpp's imatrix: mean
-    squared activation per column): ``[Cin]``, or ``[E, Cin]`` for a bank. The result holds
+    squared activation per column): ``[Cin]``, or ``[E, Cin]`` for a bank. ``row_importance``
+    ``[Cout]`` (a matrix only) also weighs each output row's: scalar LUT formats cluster with
+    it; per-channel and per-block linear scales are chosen row by row, where a row's weight
+    cannot change the choice; per-tensor linear and vector LUTs do not use it. The result holds
     exactly the arrays Core ML stores, at the weight's rank.
     """
     fmt = parse_format(fmt)
@@ -87,6 +91,10 @@ def quantize(
         raise AnepackError(None, "weight contains NaN or infinity")
     importance = _checked_importance(importance, weight.shape)
     quantizer = QUANTIZERS[type(fmt)]
+    if row_importance is not None:
+        row_importance = _checked_row_importance(row_importance, weight.shape)
+        if isinstance(fmt, LutFormat):
+            return quantize_lut(weight, fmt, importance, row_importance)
     if weight.ndim == 2:
         return quantizer(weight, fmt, importance)
     experts, rows, cols = weight.shape
@@ -97,6 +105,15 @@ def quantize(
         quantizer(weight[e], fmt, None if importance is None else importance[e])
         for e in range(experts)
     ])
+
+
+def _checked_row_importance(row_importance, shape):
+    row_importance = np.asarray(row_importance, dtype=np.float32)
+    if len(shape) != 2 or row_importance.shape != (shape[0],):
+        raise AnepackError(None, f"row importance has shape {row_importance.shape}; a weight {shape} needs ({shape[0]},)")
+    if not np.isfinite(row_importance).all() or (row_importance < 0).any():
+        raise AnepackError(None, "row importance must be finite and >= 0")
+    return row_importance
 
 
 def _checked_importance(importance, shape):

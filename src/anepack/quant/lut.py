@@ -137,9 +137,11 @@ def _error_weights(rows, cols, group, row_weights, column_weights) -> np.ndarray
 
 
 def quantize_lut(
-    weight: np.ndarray, fmt: LutFormat, importance: np.ndarray | None = None
+    weight: np.ndarray, fmt: LutFormat, importance: np.ndarray | None = None,
+    row_importance: np.ndarray | None = None,
 ) -> PalettizedTensor:
-    """Palettize a float32 ``[Cout, Cin]`` matrix; ``importance`` is ``[Cin]`` or None."""
+    """Palettize a float32 ``[Cout, Cin]`` matrix; ``importance`` is ``[Cin]`` or None,
+    ``row_importance`` ``[Cout]`` or None (each element's error weighs both)."""
     rows, cols = weight.shape
     group = fmt.group_size or rows
     if rows % group:
@@ -149,12 +151,13 @@ def quantize_lut(
     column_weights = None if importance is None else np.asarray(importance, np.float32)
     # With a per-channel scale, an error e in the normalized row is an error e * scale in
     # the weight, so each row weighs scale^2 more.
-    row_weights = None
+    row_weights = None if row_importance is None else np.asarray(row_importance, np.float32)
     if fmt.per_channel_scale:
         channel_scale = float16_scale(np.abs(weight).max(axis=1, keepdims=True))
         row_scale = channel_scale.astype(np.float32)
         values = weight / row_scale
-        row_weights = (row_scale * row_scale)[:, 0]
+        scale_weights = (row_scale * row_scale)[:, 0]
+        row_weights = scale_weights if row_weights is None else row_weights * scale_weights
     grouped = values.reshape(rows // group, group * cols)
     if group * cols > LARGE_GROUP_ELEMENTS:
         centroids = np.stack([

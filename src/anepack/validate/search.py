@@ -96,8 +96,10 @@ class _Quantized:
     def get(self, name: str, fmt: Format) -> np.ndarray:
         key = (name, fmt.spec)
         if key not in self.dense:
-            columns = None if self.importance is None else self.importance.get(name)
-            self.dense[key] = quantize(self.original(name), fmt, columns).dequantize().astype(np.float32)
+            columns, rows = (None, None) if self.importance is None else (
+                self.importance.get(name), self.importance.rows(name))
+            self.dense[key] = quantize(self.original(name), fmt, columns, row_importance=rows).dequantize().astype(
+                np.float32)
         return self.dense[key]
 
     def source(self, assignment: dict[str, Format]) -> Callable[[str], np.ndarray]:

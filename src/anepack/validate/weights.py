@@ -161,8 +161,9 @@ class RecipeWeights:
             if self.is_bank(name):
                 cached = self._quantize_bank(name, fmt)
             else:
-                columns = None if self.importance is None else self.importance.get(name)
-                cached = quantize(self.exact(name), fmt, columns)
+                columns, rows = (None, None) if self.importance is None else (
+                    self.importance.get(name), self.importance.rows(name))
+                cached = quantize(self.exact(name), fmt, columns, row_importance=rows)
             self._quantized[name] = cached
         return cached
 
