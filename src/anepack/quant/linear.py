@@ -21,6 +21,8 @@ from anepack.quant.packing import QuantizedTensor
 # similar small grid of scales). Clipping a few outliers often buys finer levels for the rest.
 SHRINK_FACTORS = tuple(np.linspace(1.0, 0.70, 16))
 ROW_CHUNK_ELEMENTS = 1 << 22
+# Elements of one chunk of the scale search: its buffers stay in a core's L2 cache.
+CACHE_CHUNK_ELEMENTS = 1 << 16
 
 _FP16_MAX = float(np.finfo(np.float16).max)
 _FP16_SMALLEST = float(np.finfo(np.float16).smallest_subnormal)
@@ -149,37 +151,67 @@ def quantize_linear(
     return _quantize_rows(weight, fmt, importance)
 
 
-def _best_shrink(
-    fmt: LinearFormat, blocks: np.ndarray, low: np.ndarray, high: np.ndarray, importance: np.ndarray
-) -> np.ndarray:
-    """Per block, the SHRINK_FACTORS entry whose levels give the least importance-weighted squared
-    error (the first of equals). Two reused buffers hold each candidate's rounding and error:
-    the search is most of a large matrix's quantization time, and fresh temporaries per
-    candidate cost more than the arithmetic."""
+def _search_levels(
+    fmt: LinearFormat, blocks: np.ndarray, scales: np.ndarray, offsets: np.ndarray, importance: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per block, the index of the candidate scale and offset (``scales[i]``, ``offsets[i]``)
+    with the least importance-weighted squared error (the first of equals; the only one
+    without importance), and the codes under it.
+
+    The search is most of a large matrix's quantization time and is bound by memory traffic,
+    so every candidate is tried on a cache-sized chunk of block rows before the next chunk is
+    read, in two reused buffers (fresh temporaries per candidate cost more than the arithmetic).
+    """
     code_min, code_max = fmt.code_range
-    weights = np.asarray(importance, np.float32).reshape(1, 1, blocks.shape[2], blocks.shape[3])
-    error, weighted = np.empty_like(blocks), np.empty_like(blocks)
-    best_error, best_factor = None, None
-    for factor in SHRINK_FACTORS:
-        scale, offset = _scale_and_offset(fmt, low * factor, high * factor)
-        scale = scale.astype(np.float32)
-        np.divide(blocks, scale, out=error)
+    grid_rows, block_rows, grid_cols, block_cols = blocks.shape
+    scales = scales.astype(np.float32)
+    # A zero offset (signed symmetric formats) adds and removes nothing: those passes are skipped.
+    shifted = bool(np.any(offsets))
+    chosen = np.zeros((grid_rows, 1, grid_cols, 1), dtype=np.intp)
+    codes = np.empty(blocks.shape, dtype=np.int8 if fmt.signed else np.uint8)
+    step = max(1, CACHE_CHUNK_ELEMENTS // (block_rows * grid_cols * block_cols))
+    levels = np.empty((min(step, grid_rows),) + blocks.shape[1:], dtype=np.float32)
+    weighted = np.empty_like(levels)
+    weights = None if importance is None else np.asarray(importance, np.float32).reshape(1, 1, grid_cols, block_cols)
+    for start in range(0, grid_rows, step):
+        rows = slice(start, start + step)
+        chunk = blocks[rows]
+        error, product = levels[: len(chunk)], weighted[: len(chunk)]
+        best_error = None
+        for index in range(len(scales) if weights is not None else 0):
+            _dequantized_levels(chunk, scales[index, rows], offsets[index, rows] if shifted else None,
+                                code_min, code_max, out=error)
+            np.subtract(chunk, error, out=error)
+            np.multiply(weights, error, out=product)
+            product *= error
+            candidate = np.sum(product, axis=(1, 3), keepdims=True)
+            if best_error is None:
+                best_error = candidate
+                continue
+            better = candidate < best_error
+            best_error = np.where(better, candidate, best_error)
+            chosen[rows][better] = index
+        best = chosen[rows][None]
+        np.divide(chunk, np.take_along_axis(scales[:, rows], best, axis=0)[0], out=error)
         np.rint(error, out=error)
-        error += offset
+        error += np.take_along_axis(offsets[:, rows], best, axis=0)[0]
         np.clip(error, code_min, code_max, out=error)
-        error -= offset
-        error *= scale
-        np.subtract(blocks, error, out=error)
-        np.multiply(weights, error, out=weighted)
-        weighted *= error
-        candidate = np.sum(weighted, axis=(1, 3), keepdims=True)
-        if best_error is None:
-            best_error, best_factor = candidate, np.full(candidate.shape, factor)
-            continue
-        better = candidate < best_error
-        best_error = np.where(better, candidate, best_error)
-        best_factor = np.where(better, factor, best_factor)
-    return best_factor
+        codes[rows] = error
+    return chosen, codes
+
+
+def _dequantized_levels(
+    chunk: np.ndarray, scale: np.ndarray, offset: np.ndarray | None, code_min: int, code_max: int, out: np.ndarray
+) -> None:
+    """Into ``out``, the values ``chunk`` dequantizes to: nearest code, clipped to the range."""
+    np.divide(chunk, scale, out=out)
+    np.rint(out, out=out)
+    if offset is not None:
+        out += offset
+    np.clip(out, code_min, code_max, out=out)
+    if offset is not None:
+        out -= offset
+    out *= scale
 
 
 def _quantize_rows(weight: np.ndarray, fmt: LinearFormat, importance: np.ndarray | None) -> LinearTensor:
@@ -194,25 +226,22 @@ def _quantize_rows(weight: np.ndarray, fmt: LinearFormat, importance: np.ndarray
     else:
         high = np.maximum(-low, high)
         low = -high
-    code_min, code_max = fmt.code_range
-
-    def levels(factor: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        scale, offset = _scale_and_offset(fmt, low * factor, high * factor)
-        codes = np.clip(np.rint(blocks / scale.astype(np.float32)) + offset, code_min, code_max)
-        return codes, scale, offset
-
-    if importance is None:
-        codes, scale, offset = levels(1.0)
-    else:
-        codes, scale, offset = levels(_best_shrink(fmt, blocks, low, high, importance))
-    code_dtype = np.int8 if fmt.signed else np.uint8
+    # With importance, each block's range is shrunk by each factor; without, kept whole.
+    factors = (1.0,) if importance is None else SHRINK_FACTORS
+    candidates = [_scale_and_offset(fmt, low * factor, high * factor) for factor in factors]
+    scales = np.stack([scale for scale, _ in candidates])
+    offsets = np.stack([offset for _, offset in candidates])
+    chosen, codes = _search_levels(fmt, blocks, scales, offsets, importance)
+    scale = np.take_along_axis(scales, chosen[None], axis=0)[0]
+    offset = np.take_along_axis(offsets, chosen[None], axis=0)[0]
+    code_dtype = codes.dtype
     scale_shape = (grid[0], grid[2])
     stored_offset = None
     if fmt.affine or not fmt.signed:
         stored_offset = offset.reshape(scale_shape).astype(code_dtype)
     return LinearTensor(
         format=fmt,
-        data=codes.reshape(rows, cols).astype(code_dtype),
+        data=codes.reshape(rows, cols),
         scale=scale.reshape(scale_shape),
         offset=stored_offset,
     )
