@@ -71,6 +71,12 @@ def kmeans_1d(
     the index of each element's nearest centroid. With fewer distinct values than ``k``
     the spare centroids repeat data values, so every LUT entry is finite.
     """
+    centroids = kmeans_1d_centroids(values, k, weights)
+    return centroids, nearest_labels(values, centroids)
+
+
+def kmeans_1d_centroids(values: np.ndarray, k: int, weights: np.ndarray | None = None) -> np.ndarray:
+    """``kmeans_1d``'s centroids alone, for callers that label against a rounded LUT anyway."""
     return _cluster_groups(values, k, weights, _near_optimal_boundaries, _CHUNK_ELEMENTS)
 
 
@@ -82,7 +88,8 @@ def kmeans_1d_exact(
     Optimal up to float64 rounding of the prefix sums; the float32 centroids are the
     optimal clusters' means rounded once.
     """
-    return _cluster_groups(values, k, weights, _exact_boundaries, _EXACT_CHUNK_ELEMENTS)
+    centroids = _cluster_groups(values, k, weights, _exact_boundaries, _EXACT_CHUNK_ELEMENTS)
+    return centroids, nearest_labels(values, centroids)
 
 
 def kmeans_1d_float16(
@@ -114,7 +121,8 @@ def kmeans_1d_float16(
         return kmeans_1d_float16(values, k)
     points = present.astype(np.uint16).view(np.float16).astype(np.float32)
     order = np.argsort(points, kind="stable")
-    centroids, _ = kmeans_1d_exact(points[order][None, :], k, totals[present][order][None, :])
+    centroids = _cluster_groups(points[order][None, :], k, totals[present][order][None, :], _exact_boundaries,
+                                _EXACT_CHUNK_ELEMENTS)
     return centroids[0]
 
 
@@ -140,18 +148,17 @@ def nearest_labels(values: np.ndarray, levels: np.ndarray) -> np.ndarray:
     return labels
 
 
-def _cluster_groups(values, k, weights, find_boundaries, chunk_elements):
+def _cluster_groups(values, k, weights, find_boundaries, chunk_elements) -> np.ndarray:
+    """Centroids ``[G, k]`` of each row of ``values``, chunk by chunk of groups."""
     values, weights = _validated(values, k, weights)
     n_groups, n = values.shape
     centroids = np.empty((n_groups, k), dtype=np.float32)
-    labels = np.empty((n_groups, n), dtype=np.uint8)
     step = max(1, chunk_elements // n)
     for start in range(0, n_groups, step):
         rows = slice(start, start + step)
         groups = _SortedGroups.build(values[rows], None if weights is None else weights[rows])
         centroids[rows] = groups.centroids(find_boundaries(groups, k))
-        labels[rows] = nearest_labels(values[rows], centroids[rows])
-    return centroids, labels
+    return centroids
 
 
 def _validated(values, k, weights):

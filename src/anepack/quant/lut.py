@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from anepack.quant.formats import FormatSpecError, LutFormat, VectorLutFormat
-from anepack.quant.kmeans import kmeans_1d, kmeans_1d_float16, nearest_labels
+from anepack.quant.kmeans import kmeans_1d_centroids, kmeans_1d_float16, nearest_labels
 from anepack.quant.linear import blockwise_shift_scale, float16_scale, symmetric_codes
 from anepack.quant.packing import QuantizedTensor
 
@@ -166,7 +166,8 @@ def quantize_lut(
             for start in range(0, rows, group)
         ])
     else:
-        centroids, _ = kmeans_1d(grouped, fmt.entries, _error_weights(rows, cols, group, row_weights, column_weights))
+        error_weights = _error_weights(rows, cols, group, row_weights, column_weights)
+        centroids = kmeans_1d_centroids(grouped, fmt.entries, error_weights)
     lut, lut_scale, decoded = _stored_lut(centroids, fmt.int8_lut)
     indices = nearest_labels(grouped, decoded).reshape(rows, cols)
     lut_shape = (rows // group, 1, fmt.entries, 1)
