@@ -24,7 +24,8 @@ import math
 import numpy as np
 
 from anepack.quant import (
-    Format, LinearFormat, LutFormat, PalettizedTensor, QuantizedTensor, VectorLutFormat, quantize,
+    Format, LinearFormat, LinearTensor, LutFormat, PalettizedTensor, QuantizedTensor, VectorLutFormat,
+    blockwise_shift_scale, quantize,
 )
 from anepack.quant.packing import weight_rows
 from anepack.reference.model import STREAMED_WEIGHTS
@@ -83,8 +84,12 @@ def dequantized_rows(q: QuantizedTensor, start: int, stop: int) -> np.ndarray:
 def dequantized_expert(stored: QuantizedTensor) -> np.ndarray:
     """A one-expert bank ``[1, Cout, Cin]`` as float32 ``[Cout, Cin]``, equal to
     ``stored.dequantize()[0]``. A scalar LUT grouped along Cout (lut4-g16, the experts' usual
-    format) is looked up group by group straight into float32: the validators dequantize every
-    routed expert on every pass, and the general ``lut_to_dense`` costs twice as much."""
+    format) is looked up group by group straight into float32, and linear codes are dequantized
+    straight into float32: the validators dequantize every routed expert on every pass, and
+    the general ``lut_to_dense`` or a float16 result widened afterwards costs twice as much."""
+    if isinstance(stored, LinearTensor):
+        offset = None if stored.offset is None else stored.offset[0]
+        return blockwise_shift_scale(stored.data[0], stored.scale[0], offset, np.float32)
     if not (isinstance(stored, PalettizedTensor) and stored.lut_scale is None and stored.channel_scale is None
             and stored.vector_axis is None and stored.lut.shape[2] == 1):
         return stored.dequantize()[0].astype(np.float32)
