@@ -265,11 +265,19 @@ def tensor_format(weights: RecipeWeights, tensor: str) -> Format:
 
 
 class Graph:
-    """One MIL function under construction: weights, norms, RoPE and attention, all named."""
+    """One MIL function under construction: weights, norms, RoPE and attention, all named.
 
-    def __init__(self, config: ModelConfig, weights: RecipeWeights, alpha: float, tokens: int, context: int):
+    ``stored`` (matrix and rows -> stored form) is shared by the functions of one package, so
+    each matrix is quantized once per package, not once per function.
+    """
+
+    def __init__(
+        self, config: ModelConfig, weights: RecipeWeights, alpha: float, tokens: int, context: int,
+        stored: dict[tuple[str, tuple[int, int] | None], QuantizedTensor] | None = None,
+    ):
         self.config = config
         self.weights = weights
+        self.stored = {} if stored is None else stored
         self.alpha = alpha
         self.tokens = tokens
         self.context = context
@@ -282,7 +290,9 @@ class Graph:
         self.new_cache: dict[int, tuple[Var, Var]] = {}  # layer -> (k_new, v_new) outputs
 
     def weight(self, tensor: str, name: str, rows: tuple[int, int] | None) -> Var:
-        return emit_weight(stored_matrix(self.weights, tensor, rows), name)
+        if (tensor, rows) not in self.stored:
+            self.stored[tensor, rows] = stored_matrix(self.weights, tensor, rows)
+        return emit_weight(self.stored[tensor, rows], name)
 
     def gain(self, tensor: str, scale: float = 1.0) -> Var:
         """A norm gain as an fp16 const, times ``scale`` in float32 before the one rounding."""
@@ -686,13 +696,15 @@ def function_io(config: ModelConfig, plan: ShardPlan, tokens: int, context: int)
 def build_function(
     config: ModelConfig, weights: RecipeWeights, plan: ShardPlan, alpha: float, tokens: int, context: int,
     expert: tuple[int, dict[str, QuantizedTensor]] | None = None,
+    stored: dict[tuple[str, tuple[int, int] | None], QuantizedTensor] | None = None,
 ) -> Function:
     """The MIL function of ``plan`` over ``tokens`` tokens (prefill: the chunk; decode: 1); in
-    an expert package, of ``expert`` = (index, its stored matrix per bank)."""
+    an expert package, of ``expert`` = (index, its stored matrix per bank). ``stored``: the
+    matrices already quantized for the package's other functions (``Graph``)."""
     io_spec = function_io(config, plan, tokens, context)
     placeholders = {spec.name: mb.TensorSpec(spec.shape, dtype=types.fp16) for spec in io_spec.inputs}
     with _fresh_op_names(), Function(placeholders, opset_version=ct.target.iOS18) as function:
-        g = Graph(config, weights, alpha, tokens, context)
+        g = Graph(config, weights, alpha, tokens, context, stored)
         g.inputs = dict(function.inputs)
         if plan.kind == "head":
             outputs = _head(g, plan)
@@ -830,11 +842,12 @@ def _weight_formats(
 def _plan_functions(
     config: ModelConfig, weights: RecipeWeights, plan: ShardPlan, alpha: float, chunk: int, context: int
 ) -> dict[str, Function]:
-    """Every function of a package; each expert is quantized once for its prefill and decode
-    functions, one expert at a time."""
+    """Every function of a package; each matrix is quantized once for its prefill and decode
+    functions, an expert package's one expert at a time."""
     if plan.kind != "experts":
+        stored = {}
         return {
-            name: build_function(config, weights, plan, alpha, tokens, context)
+            name: build_function(config, weights, plan, alpha, tokens, context, stored=stored)
             for name, tokens in plan_functions(plan, chunk).items()
         }
     functions = {}
