@@ -247,14 +247,16 @@ def stored_matrix(weights: RecipeWeights, tensor: str, rows: tuple[int, int] | N
     """A matrix (or its output rows ``start:stop``) as a shard stores it, equal to
     ``weights.compressed(tensor)`` (float16 for what a recipe never compresses: the router).
 
-    Quantized from the GGUF on each call and not cached, so a build holds the weights of one
-    package at a time; only a format with one scale or LUT per tensor is quantized whole (once,
-    by ``weights``) and then cut.
+    Quantized from the GGUF and not cached (unless the validators quantized it already), so a
+    build holds the weights of one package at a time; only a format with one scale or LUT per
+    tensor is quantized whole (once, by ``weights``) and then cut.
     """
     fmt = tensor_format(weights, tensor)
     if one_scale_per_tensor(fmt):
         q = weights.compressed(tensor)
         return q if rows is None else weight_rows(q, *rows)
+    if rows is None and tensor in weights.quantizable:
+        return weights.quantized_matrix(tensor)
     source = stored_name(weights.gguf, tensor)
     values = weights.gguf.tensor(source) if rows is None else weights.gguf.rows(source, *rows)
     return quantize(values, fmt, None if weights.importance is None else weights.importance.get(tensor))

@@ -200,6 +200,16 @@ class RecipeWeights:
             self.expert_store.write(name, (self._quantize_expert(name, fmt, e) for e in range(experts)))
         return True
 
+    def quantized_matrix(self, name: str) -> QuantizedTensor:
+        """Matrix ``name`` in its stored form, equal to ``compressed(name)``: the cached one when a
+        validator quantized it already, else quantized alone and not kept, so a build that
+        streams the model holds one package's matrices at a time."""
+        cached = self._quantized.get(name)
+        if cached is not None:
+            return cached
+        columns = None if self.importance is None else self.importance.get(name)
+        return quantize(self.gguf.tensor(stored_name(self.gguf, name)), self.recipe.format_for(name), columns)
+
     def quantized_expert(self, name: str, index: int) -> QuantizedTensor:
         """Expert ``index`` of bank ``name`` in its stored form, a ``[1, Cout, Cin]`` bank.
 
