@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from anepack.golden import Thresholds, compare, verdict
 from anepack.reference import build
 from anepack.reference.gemma4 import ForcedRouting, RecordedRouting, RoutingDifference
@@ -131,12 +133,16 @@ def convert(
         shard_logits = runtime.prompt_logits([context.tokens[i] for i in batch], [recorded[i] for i in batch])
         if number == len(batches):
             del runtime  # its decoded weights go before the routed reference runs
+        if routed:
+            step("golden check through shards: reference routed as the shards", None)
+            forced_logits, differences = _forced_reference(
+                gguf, weights, [context.tokens[i] for i in batch], [recorded[i] for i in batch])
+            routing_differences += differences
+            for index, forced in zip(batch, forced_logits):
+                expected[index] = (forced, expected[index][1])
         for index, from_shards in zip(batch, shard_logits):
-            prompt, tokens, (same_weights, source) = context.prompts[index], context.tokens[index], expected[index]
+            prompt, (same_weights, source) = context.prompts[index], expected[index]
             step(f"golden check through shards: {prompt.name}", (index + 1) / len(context.prompts))
-            if routed:
-                same_weights, differences = _forced_reference(gguf, weights, tokens, recorded[index].choices())
-                routing_differences += differences
             artifact_cosines.append(float(compare(prompt.name, same_weights, from_shards).cosine.min()))
             record["prompts"].append(compare(prompt.name, source, from_shards).summary(thresholds))
     del shard_logits
@@ -183,12 +189,14 @@ def convert(
     return record
 
 
-def _forced_reference(gguf: GGUFFile, weights, tokens, choices) -> tuple:
-    """The reference's logits on the recipe's weights routed to the experts the shards chose,
-    and the positions where the reference's own choice differs."""
+def _forced_reference(gguf: GGUFFile, weights, token_lists, recorded: list[RecordedRouting]) -> tuple:
+    """Each prompt's logits from the reference on the recipe's weights, routed to the experts
+    the shards chose, and the positions where the reference's own choice differs. The prompts
+    run together (``prompt_logits``), so each routed expert is dequantized once per layer."""
+    choices = [routing.choices() for routing in recorded]
     model = build(gguf.config, weights)
-    model.router = forced = ForcedRouting(choices)
-    return model.forward(tokens).logits, forced.differences()
+    model.router = forced = ForcedRouting({il: np.concatenate([c[il] for c in choices]) for il in choices[0]})
+    return model.prompt_logits(token_lists), forced.differences()
 
 
 def _routing_summary(differences: list[RoutingDifference], config, token_lists) -> dict:

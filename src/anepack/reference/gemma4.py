@@ -99,18 +99,26 @@ class RoutingDifference:
 
 
 class ForcedRouting:
-    """Routes one prompt to given experts (per MoE layer ``[T, k]``), weighted by the model's own
+    """Routes to given experts (per MoE layer ``[T, k]``), weighted by the model's own
     probabilities renormalized over them as ``route_top_k`` renormalizes; keeps those
-    probabilities to say where the model's own choice differs and by how much."""
+    probabilities to say where the model's own choice differs and by how much.
+
+    The rows of a layer's choices are taken in call order, as ``RecordedRouting`` records them:
+    one prompt's positions, or several prompts' run together (``prompt_logits``) one after the
+    other; a difference's position counts in that order."""
 
     def __init__(self, choices: dict[int, np.ndarray]):
         self.choices = choices
-        self.probabilities: dict[int, np.ndarray] = {}
+        self.probabilities: dict[int, list[np.ndarray]] = {}
 
     def __call__(self, il: int, logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         probs = softmax(logits.astype(np.float32))
-        self.probabilities[il] = probs
-        chosen = self.choices[il]
+        calls = self.probabilities.setdefault(il, [])
+        done = sum(len(call) for call in calls)
+        calls.append(probs)
+        chosen = self.choices[il][done:done + len(probs)]
+        if len(chosen) != len(probs):
+            raise ValueError(f"layer {il}: {len(self.choices[il])} forced positions, asked for {done + len(probs)}")
         picked = np.take_along_axis(probs, chosen, axis=-1)
         total = np.maximum(picked.sum(axis=-1, keepdims=True), np.float32(MIN_ROUTING_WEIGHT_SUM))
         return chosen, picked / total
@@ -118,8 +126,9 @@ class ForcedRouting:
     def differences(self) -> list[RoutingDifference]:
         """Every position of every routed layer where the forced experts differ from the model's own."""
         found = []
-        for il, probs in sorted(self.probabilities.items()):
-            forced = self.choices[il]
+        for il, calls in sorted(self.probabilities.items()):
+            probs = np.concatenate(calls)
+            forced = self.choices[il][:len(probs)]
             k = forced.shape[1]
             own = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
             ranked = -np.sort(-probs, axis=-1)
