@@ -13,9 +13,9 @@ For each chosen layer and every position of every calibration prompt:
   pre-flight gate blames only the layers that fail it (``blame_below``).
 
 The prompts go through each layer together (``layer_many``: an MoE layer reads each routed
-expert once for all of them), each from its own ``embed``: a Gemma 4 layer may read
-per-sequence state besides its input (per-layer embeddings, keys and values shared from an
-earlier layer). Run isolated, a layer that reuses another layer's keys and values gets them
+expert once for all of them), and a chosen layer's isolated runs go with them, each from its
+own ``embed``: a Gemma 4 layer may read per-sequence state besides its input (per-layer
+embeddings, keys and values shared from an earlier layer). Run isolated, a layer that reuses another layer's keys and values gets them
 from that layer run isolated on the same prompts first.
 """
 
@@ -28,6 +28,7 @@ import numpy as np
 
 from anepack.metrics import rowwise_cosine
 from anepack.reference import build
+from anepack.reference.model import Prompts
 from anepack.source.gguf_file import GGUFFile
 from anepack.source.weights import source_weights
 from anepack.validate.recipes import tensor_layer
@@ -138,16 +139,24 @@ def validate_layers(
 
     quantized = build(gguf.config, weights)
     cumulative: dict[int, np.ndarray] = {}
-    prompts = quantized.embed_many(list(token_lists))
+    isolated: dict[int, np.ndarray] = {}
+    stack = quantized.embed_many(list(token_lists))
+    alone = quantized.embed_many(list(token_lists))  # the isolated runs' own per-sequence state
+    run_alone = set(_kv_sources(gguf.config, layers))
     for il in range(layers[-1] + 1):
         step(f"quantized stack, layer {il + 1} of {layers[-1] + 1}")
-        prompts = quantized.layer_many(il, prompts)
+        if il in run_alone:
+            # The stack and the layer on exact inputs go through together: an MoE layer then
+            # reads each routed expert once for both.
+            joined = Prompts(stack.hidden + [exact[il] for exact in states], stack.sequences + alone.sequences)
+            outputs = quantized.layer_many(il, joined).hidden
+            stack = stack.at(outputs[:len(token_lists)])
+            if il in layers:
+                isolated[il] = _cosines(states, il, outputs[len(token_lists):])
+        else:
+            stack = quantized.layer_many(il, stack)
         if il in layers:
-            cumulative[il] = _cosines(states, il, prompts.hidden)
-    step("quantized layers on exact inputs")
-    isolated = {
-        il: _cosines(states, il, outputs) for il, outputs in _isolated(quantized, token_lists, states, layers).items()
-    }
+            cumulative[il] = _cosines(states, il, stack.hidden)
 
     checks = []
     for il in layers:
