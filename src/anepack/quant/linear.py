@@ -194,8 +194,8 @@ def _search_levels(
     fmt: LinearFormat, blocks: np.ndarray, scales: np.ndarray, offsets: np.ndarray, importance: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per block, the index of the candidate scale and offset (``scales[i]``, ``offsets[i]``)
-    with the least importance-weighted squared error (the first of equals; the only one
-    without importance), and the codes under it.
+    with the least importance-weighted squared error (the first of equals; without importance,
+    the only candidate), and the codes under it.
 
     The search is most of a large matrix's quantization time and is bound by memory traffic,
     so every candidate is tried on a cache-sized chunk of block rows before the next chunk is
@@ -216,20 +216,10 @@ def _search_levels(
         rows = slice(start, start + step)
         chunk = blocks[rows]
         error, product = levels[: len(chunk)], weighted[: len(chunk)]
-        best_error = None
-        for index in range(len(scales) if weights is not None else 0):
-            _dequantized_levels(chunk, scales[index, rows], offsets[index, rows] if shifted else None,
-                                code_min, code_max, out=error)
-            np.subtract(chunk, error, out=error)
-            np.multiply(weights, error, out=product)
-            product *= error
-            candidate = np.sum(product, axis=(1, 3), keepdims=True)
-            if best_error is None:
-                best_error = candidate
-                continue
-            better = candidate < best_error
-            best_error = np.where(better, candidate, best_error)
-            chosen[rows][better] = index
+        if weights is not None:
+            chosen[rows] = _least_error(
+                fmt, chunk, scales[:, rows], offsets[:, rows] if shifted else None, weights, error, product
+            )
         best = chosen[rows][None]
         np.divide(chunk, np.take_along_axis(scales[:, rows], best, axis=0)[0], out=error)
         np.rint(error, out=error)
@@ -237,6 +227,28 @@ def _search_levels(
         np.clip(error, code_min, code_max, out=error)
         codes[rows] = error
     return chosen, codes
+
+
+def _least_error(
+    fmt: LinearFormat, chunk: np.ndarray, scales: np.ndarray, offsets: np.ndarray | None, weights: np.ndarray,
+    error: np.ndarray, product: np.ndarray,
+) -> np.ndarray:
+    """Per block of ``chunk``, the index of the candidate with the least weighted squared error,
+    the first of equals; ``error`` and ``product`` are buffers of the chunk's shape."""
+    best_error, best = None, None
+    for index, scale in enumerate(scales):
+        _dequantized_levels(chunk, scale, None if offsets is None else offsets[index], *fmt.code_range, out=error)
+        np.subtract(chunk, error, out=error)
+        np.multiply(weights, error, out=product)
+        product *= error
+        candidate = np.sum(product, axis=(1, 3), keepdims=True)
+        if best_error is None:
+            best_error, best = candidate, np.zeros(candidate.shape, dtype=np.intp)
+            continue
+        better = candidate < best_error
+        best_error = np.where(better, candidate, best_error)
+        best[better] = index
+    return best
 
 
 def _dequantized_levels(
@@ -265,7 +277,6 @@ def _quantize_rows(weight: np.ndarray, fmt: LinearFormat, importance: np.ndarray
     else:
         high = np.maximum(-low, high)
         low = -high
-    # With importance, each block's range is shrunk by each factor; without, kept whole.
     factors = (1.0,) if importance is None else SHRINK_FACTORS
     candidates = [_scale_and_offset(fmt, low * factor, high * factor) for factor in factors]
     scales = np.stack([scale for scale, _ in candidates])
