@@ -28,6 +28,7 @@ _FP16_MAX = float(np.finfo(np.float16).max)
 _FP16_SMALLEST = float(np.finfo(np.float16).smallest_subnormal)
 # Byte-wide codes in rows at least this long are dequantized through a per-row table.
 _TABLE_MIN_ROW = 2048
+_TABLE_BLOCK_ROWS = 4096
 
 
 def blockwise_shift_scale(
@@ -89,18 +90,20 @@ def _shift_scale_by_table(
     """``blockwise_shift_scale`` for ``_one_scale_per_row`` codes: each row's output for every
     possible byte is computed once, with the same float32 arithmetic and the one rounding to
     float16, then looked up. Converting every element to float16 costs several times more than
-    the lookup (numpy converts without the CPU's conversion instructions)."""
+    the lookup (numpy converts without the CPU's conversion instructions). Tables are made for
+    a block of rows at a time, so an LM head's stay a few megabytes."""
     rows = data.reshape(-1, data.shape[-1]).view(np.uint8)
     row_shape = data.shape[:-1] + (1,)
+    row_scale = np.broadcast_to(scale, row_shape).reshape(-1, 1).astype(np.float32)
+    row_offset = None if offset is None else np.broadcast_to(offset, row_shape).reshape(-1, 1).astype(np.float32)
     codes = np.arange(256, dtype=np.uint8).view(data.dtype).astype(np.float32)  # by the code's byte
-    table = np.broadcast_to(codes, (len(rows), 256))
-    if offset is not None:
-        table = table - np.broadcast_to(offset, row_shape).reshape(-1, 1).astype(np.float32)
-    table = table * np.broadcast_to(scale, row_shape).reshape(-1, 1).astype(np.float32)
-    table = table.astype(np.float16).astype(dtype)
     out = np.empty(rows.shape, dtype)
-    for row, (codes_of_row, table_of_row) in enumerate(zip(rows, table)):
-        np.take(table_of_row, codes_of_row, out=out[row])
+    for start in range(0, len(rows), _TABLE_BLOCK_ROWS):
+        block = slice(start, start + _TABLE_BLOCK_ROWS)
+        table = codes if row_offset is None else codes - row_offset[block]
+        table = (table * row_scale[block]).astype(np.float16).astype(dtype)
+        for row, (codes_of_row, table_of_row) in enumerate(zip(rows[block], table), start):
+            np.take(table_of_row, codes_of_row, out=out[row])
     return out.reshape(data.shape)
 
 
