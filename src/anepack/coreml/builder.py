@@ -19,6 +19,7 @@ of squares), so no graph tensor ever holds a square of the residual stream.
 from __future__ import annotations
 
 import filecmp
+import gc
 import hashlib
 import json
 import math
@@ -943,8 +944,10 @@ def build_shards(
         rebuild = not (resume and path.is_dir() and package_metadata(path).get(BUILD_KEY_METADATA) == key)
         if rebuild:
             metadata = {BUILD_KEY_METADATA: key, "anepack.version": anepack.__version__, "anepack.shard": plan.file}
-            # No name keeps the graphs alive: one package's weights are in memory at a time.
+            # No name keeps the graphs alive, but MIL graphs hold reference cycles: collected now,
+            # one package's weights are in memory at a time.
             save_package(_plan_functions(config, weights, plan, alpha, chunk, context), path, metadata)
+            gc.collect()
         entries.append(ShardEntry(
             file=plan.file, kind=plan.kind, bytes=size_bytes(path), sha256=content_hash(path), build_key=key,
             layers=plan.layers, vocab=plan.vocab, tensors=tuple(plan_tensors(config, plan)), experts=plan.experts,
