@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
 import pytest
 
 from anepack.source import open_gguf
 from anepack.synth import write_synthetic_gguf
 from anepack.validate.layers import sample_layers
 from anepack.validate.recipes import parse_recipe
-from anepack.validate.run import GateFailed, ValidationContext, gate_run, golden_run, layers_run, require_gate
+from anepack.validate.run import GateFailed, ValidationContext, calibrate, gate_run, golden_run, layers_run, require_gate
+from anepack.validate.weights import RecipeWeights
 
 
 def recipe(*rules: tuple[str, str]) -> str:
@@ -69,3 +73,20 @@ def test_golden_check_passes_fp16_and_fails_one_bit(context):
     assert not broken["passed"]
     assert any(p["first_failing_position"] is not None for p in broken["prompts"])
     assert broken["bits"]["layers_average"] < 1.1
+
+
+def test_the_build_quantizes_a_matrix_as_the_validators_did(context):
+    """``quantized_matrix`` (what the builder stores when no validator cached the matrix) equals
+    ``compressed`` (what the validators measured), importance and the LM head's row importance
+    included; and the row importance does change a LUT head."""
+    gguf = context.gguf
+    importance = calibrate(gguf)
+    assert importance.rows("output.weight") is not None
+    lut_head = recipe(("output.weight", "lut4-tensor"), ("*", "lut4-g16"))
+    for name in ("output.weight", "blk.2.ffn_down.weight"):
+        built = RecipeWeights(gguf, lut_head, importance).quantized_matrix(name)
+        measured = RecipeWeights(gguf, lut_head, importance).compressed(name)
+        assert np.array_equal(built.dequantize(), measured.dequantize())
+    without_rows = RecipeWeights(gguf, lut_head, dataclasses.replace(importance, output_rows={}))
+    assert not np.array_equal(without_rows.compressed("output.weight").dequantize(),
+                              RecipeWeights(gguf, lut_head, importance).compressed("output.weight").dequantize())

@@ -166,9 +166,7 @@ class RecipeWeights:
             if self.is_bank(name):
                 cached = self._quantize_bank(name, fmt)
             else:
-                columns, rows = (None, None) if self.importance is None else (
-                    self.importance.get(name), self.importance.rows(name))
-                cached = quantize(self.exact(name), fmt, columns, row_importance=rows)
+                cached = self._quantize_matrix(name)
             self._quantized[name] = cached
         return cached
 
@@ -205,10 +203,13 @@ class RecipeWeights:
         validator quantized it already, else quantized alone and not kept, so a build that
         streams the model holds one package's matrices at a time."""
         cached = self._quantized.get(name)
-        if cached is not None:
-            return cached
-        columns = None if self.importance is None else self.importance.get(name)
-        return quantize(self.gguf.tensor(stored_name(self.gguf, name)), self.recipe.format_for(name), columns)
+        return self._quantize_matrix(name) if cached is None else cached
+
+    def _quantize_matrix(self, name: str) -> QuantizedTensor:
+        columns, rows = (None, None) if self.importance is None else (
+            self.importance.get(name), self.importance.rows(name))
+        weight = self.gguf.tensor(stored_name(self.gguf, name))
+        return quantize(weight, self.recipe.format_for(name), columns, row_importance=rows)
 
     def quantized_expert(self, name: str, index: int) -> QuantizedTensor:
         """Expert ``index`` of bank ``name`` in its stored form, a ``[1, Cout, Cin]`` bank.
