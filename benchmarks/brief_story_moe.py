@@ -9,8 +9,9 @@ expert bank's weight SQNR, the layer validator's isolated minimum cosine on ever
 and its cumulative minimum on the last, and the golden check against the exact reference (worst
 per-position logit cosine, top-1 agreement pooled over all positions, the share of positions the
 last MoE layer routes to the same experts as the exact model, the worst logit cosine again with
-every token forced onto the exact model's experts, verdict at the default thresholds). First it prints the exact model's realism statistics, the ones that decide how bank
-error reaches the verdict, beside Gemma 3 270M's (the default model, on the same prompts,
+every token forced onto the exact model's experts, verdict at the default thresholds). First it
+prints the exact model's realism statistics, the ones that decide how bank error reaches the
+verdict, beside Gemma 3 270M's (the default model, on the same prompts,
 positions after BOS): next-token peakedness (mean top-1 probability, median top-1 minus top-2
 logit), the median update ratio |h_l+1 - h_l| / |h_l| per layer (also outside the highest-energy
 channels), and anisotropy: the energy share of the top few residual channels (massive

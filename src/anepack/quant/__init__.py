@@ -110,7 +110,8 @@ def quantize(
 def _checked_row_importance(row_importance, shape):
     row_importance = np.asarray(row_importance, dtype=np.float32)
     if len(shape) != 2 or row_importance.shape != (shape[0],):
-        raise AnepackError(None, f"row importance has shape {row_importance.shape}; a weight {shape} needs ({shape[0]},)")
+        expected = (shape[0],) if len(shape) == 2 else "a matrix"
+        raise AnepackError(None, f"row importance has shape {row_importance.shape}; a weight {shape} needs {expected}")
     if not np.isfinite(row_importance).all() or (row_importance < 0).any():
         raise AnepackError(None, "row importance must be finite and >= 0")
     return row_importance

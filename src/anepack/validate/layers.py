@@ -15,8 +15,8 @@ For each chosen layer and every position of every calibration prompt:
 The prompts go through each layer together (``layer_many``: an MoE layer reads each routed
 expert once for all of them), and a chosen layer's isolated runs go with them, each from its
 own ``embed``: a Gemma 4 layer may read per-sequence state besides its input (per-layer
-embeddings, keys and values shared from an earlier layer). Run isolated, a layer that reuses another layer's keys and values gets them
-from that layer run isolated on the same prompts first.
+embeddings, keys and values shared from an earlier layer). Run isolated, a layer that reuses
+another layer's keys and values gets them from that layer run isolated on the same prompts first.
 """
 
 from __future__ import annotations
