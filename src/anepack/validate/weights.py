@@ -20,6 +20,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
@@ -36,6 +40,8 @@ from anepack.validate.expert_store import ExpertStore
 from anepack.validate.recipes import Recipe
 
 ROUTER_SUFFIX = ".ffn_gate_inp.weight"
+# Experts quantized at once: one per core, up to 8 (each holds a float32 expert and its temporaries).
+QUANTIZE_THREADS = max(1, min(8, os.cpu_count() or 1))
 
 
 def quantizable_tensors(gguf: GGUFFile) -> list[str]:
@@ -174,10 +180,22 @@ class RecipeWeights:
         if self.whole_banks and one_scale_per_tensor(fmt):
             pooled = None if self.importance is None else self.importance.pooled(name)
             return quantize(self.gguf.tensor(name), fmt, pooled, whole_bank=True)
-        # One float32 expert at a time: a real bank is gigabytes as float32.
-        return QuantizedTensor.stack([
-            self._quantize_expert(name, fmt, e) for e in range(self.gguf.info(name).shape[0])
-        ])
+        # A few float32 experts at a time: a real bank is gigabytes as float32.
+        return QuantizedTensor.stack(list(self._quantized_experts(name, fmt)))
+
+    def _quantized_experts(self, name: str, fmt: Format) -> Iterator[QuantizedTensor]:
+        """Every expert of bank ``name`` quantized alone, in expert order, ``QUANTIZE_THREADS`` at
+        once: the quantizers' array passes release the GIL, so the experts of a layer, most of a
+        conversion's time, use every core; at most twice that many experts are in flight."""
+        experts = self.gguf.info(name).shape[0]
+        with ThreadPoolExecutor(QUANTIZE_THREADS) as pool:
+            pending: deque[Future] = deque()
+            for index in range(experts):
+                pending.append(pool.submit(self._quantize_expert, name, fmt, index))
+                if len(pending) >= 2 * QUANTIZE_THREADS:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
 
     def _quantize_expert(self, name: str, fmt: Format, index: int) -> QuantizedTensor:
         """Expert ``index`` of bank ``name`` quantized alone, with its own importance row."""
@@ -194,8 +212,7 @@ class RecipeWeights:
         if self.whole_banks and one_scale_per_tensor(fmt):
             return False  # one scale over the bank: quantized whole, in memory
         if name not in self.expert_store:
-            experts = self.gguf.info(name).shape[0]
-            self.expert_store.write(name, (self._quantize_expert(name, fmt, e) for e in range(experts)))
+            self.expert_store.write(name, self._quantized_experts(name, fmt))
         return True
 
     def quantized_matrix(self, name: str) -> QuantizedTensor:
