@@ -61,8 +61,9 @@ def read_and_dequantize(gguf, il: int) -> float:
 
 def quantize_experts(gguf, recipe, importance, il: int, sample: int = 8) -> float:
     """Seconds to quantize all of layer ``il``'s experts in the recipe's formats, weighted by the
-    calibration's importance as convert weighs them, from ``sample`` experts of each bank (every
-    expert of a bank has the same shape and format)."""
+    calibration's importance as convert weighs them, one expert at a time (convert runs one per
+    core), from ``sample`` experts of each bank (every expert of a bank has the same shape and
+    format)."""
     weights = RecipeWeights(gguf, recipe, importance)
     seconds = 0.0
     for name, info in gguf.tensors.items():
@@ -161,7 +162,7 @@ def main() -> None:
         print(f"layer {il}: build {build_layers[il]:7.1f} s   read+dequantize {baseline[il]:6.1f} s   "
               f"ratio {build_layers[il] / baseline[il]:5.1f}x")
     print(f"embeddings + LM head: {build_fixed:.1f} s")
-    print(f"quantizing one layer's experts (once; inside the gate here): "
+    print(f"quantizing one layer's experts one at a time (convert: once, one per core, inside the gate here): "
           f"{', '.join(f'{seconds:.1f}' for seconds in quantizing)} s")
     for phase, seconds in phases.items():
         print(f"{phase:12s} {seconds:7.1f} s   {seconds / layers:6.1f} s per layer")
