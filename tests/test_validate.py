@@ -90,3 +90,18 @@ def test_the_build_quantizes_a_matrix_as_the_validators_did(context):
     without_rows = RecipeWeights(gguf, lut_head, dataclasses.replace(importance, output_rows={}))
     assert not np.array_equal(without_rows.compressed("output.weight").dequantize(),
                               RecipeWeights(gguf, lut_head, importance).compressed("output.weight").dequantize())
+
+
+def test_the_build_stores_lm_head_row_chunks_as_the_validators_measured_them(context):
+    """A head in a grouped LUT is built in row chunks, each quantized on its own: every chunk must
+    equal the validators' whole head cut to those rows, row importance included."""
+    from anepack.coreml.builder import stored_matrix
+    from anepack.quant.packing import weight_rows
+
+    gguf = context.gguf
+    grouped_head = recipe(("output.weight", "lut4-g16"), ("*", "int8-channel"))
+    weights = RecipeWeights(gguf, grouped_head, calibrate(gguf))
+    whole = weights.compressed("output.weight")
+    for rows in ((0, 64), (512, 1024)):
+        chunk = stored_matrix(RecipeWeights(gguf, grouped_head, calibrate(gguf)), "output.weight", rows)
+        assert np.array_equal(chunk.dequantize(), weight_rows(whole, *rows).dequantize())

@@ -12,12 +12,12 @@ from anepack.source.default_model import resolve_model
 from anepack.source.gguf_file import open_gguf
 
 
-def _measure(weight, fmt, importance, activations, row_importance=None) -> dict:
-    from anepack.quant import quantize
+def _measure(weight, fmt, importance, tensor, activations) -> dict:
     from anepack.quant.metrics import quality
+    from anepack.validate.weights import quantize_tensor
 
     started = time.perf_counter()
-    compressed = quantize(weight, fmt, importance, row_importance=row_importance)
+    compressed = quantize_tensor(weight, fmt, importance, tensor)
     seconds = time.perf_counter() - started
     return {"format": compressed.format.spec, "seconds": seconds, "ane_safe": compressed.format.ane_safe,
             **quality(weight, compressed, activations)}
@@ -54,11 +54,10 @@ def quantize_tensor(args: tuple[str, ...], formats: tuple[str, ...], importance:
             raise click.BadParameter(f"{tensor} is a vector, not a weight matrix", param_hint="TENSOR")
         with err_console.status("calibrating"):
             activations, importance_vectors = _prepare(gguf, {tensor}, importance)
-        columns, rows = (None, None) if importance_vectors is None else (
-            importance_vectors.get(tensor), importance_vectors.rows(tensor))
-        results = [_measure(weight, fmt, columns, activations[tensor], rows) for fmt in parsed]
+        results = [_measure(weight, fmt, importance_vectors, tensor, activations[tensor]) for fmt in parsed]
     document = {"model": str(gguf.path), "tensor": tensor, "shape": list(weight.shape),
-                "importance": columns is not None, "results": results}
+                "importance": importance_vectors is not None and importance_vectors.get(tensor) is not None,
+                "results": results}
     emit(document, as_json, _render_results)
 
 
@@ -99,10 +98,9 @@ def sweep(model: str | None, layer_list: str, format_list: str, importance: bool
         with err_console.status("quantizing") as status:
             for name in names:
                 weight = gguf.tensor(name)
-                columns = None if importance_vectors is None else importance_vectors.get(name)
                 for fmt in parsed:
                     status.update(f"{name} {fmt.spec}")
-                    rows.append({"tensor": name, **_measure(weight, fmt, columns, activations[name])})
+                    rows.append({"tensor": name, **_measure(weight, fmt, importance_vectors, name, activations[name])})
     document = {"model": str(gguf.path), "layers": sorted(layers), "formats": [f.spec for f in parsed],
                 "importance": importance, "results": rows}
     emit(document, as_json, _render_sweep)

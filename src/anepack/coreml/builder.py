@@ -256,11 +256,10 @@ def stored_matrix(weights: RecipeWeights, tensor: str, rows: tuple[int, int] | N
     if one_scale_per_tensor(fmt):
         q = weights.compressed(tensor)
         return q if rows is None else weight_rows(q, *rows)
-    if rows is None and tensor in weights.quantizable:
-        return weights.quantized_matrix(tensor)
+    if tensor in weights.quantizable:
+        return weights.quantized_matrix(tensor, rows)
     source = stored_name(weights.gguf, tensor)
-    values = weights.gguf.tensor(source) if rows is None else weights.gguf.rows(source, *rows)
-    return quantize(values, fmt, None if weights.importance is None else weights.importance.get(tensor))
+    return quantize(weights.gguf.tensor(source) if rows is None else weights.gguf.rows(source, *rows), fmt)
 
 
 def tensor_format(weights: RecipeWeights, tensor: str) -> Format:

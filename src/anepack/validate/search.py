@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from anepack.metrics import rowwise_cosine, top1_agreement
-from anepack.quant import quantize
 from anepack.quant.formats import Format, FormatSpecError, parse_format
 from anepack.reference import build
 from anepack.reference.common import rms_norm
@@ -43,7 +42,7 @@ from anepack.validate.bits import recipe_bits
 from anepack.validate.calibration import Importance
 from anepack.validate.layers import exact_states
 from anepack.validate.recipes import Recipe, Rule, tensor_layer
-from anepack.validate.weights import quantizable_tensors
+from anepack.validate.weights import quantizable_tensors, quantize_tensor
 
 LAYER_LADDER = ("lut4-g16", "lut6-g16", "int8-channel")
 GPU_LADDER = ("int4-block32",)
@@ -96,10 +95,8 @@ class _Quantized:
     def get(self, name: str, fmt: Format) -> np.ndarray:
         key = (name, fmt.spec)
         if key not in self.dense:
-            columns, rows = (None, None) if self.importance is None else (
-                self.importance.get(name), self.importance.rows(name))
-            self.dense[key] = quantize(self.original(name), fmt, columns, row_importance=rows).dequantize().astype(
-                np.float32)
+            quantized = quantize_tensor(self.original(name), fmt, self.importance, name)
+            self.dense[key] = quantized.dequantize().astype(np.float32)
         return self.dense[key]
 
     def source(self, assignment: dict[str, Format]) -> Callable[[str], np.ndarray]:

@@ -44,6 +44,20 @@ ROUTER_SUFFIX = ".ffn_gate_inp.weight"
 QUANTIZE_THREADS = max(1, min(8, os.cpu_count() or 1))
 
 
+def quantize_tensor(
+    weight: np.ndarray, fmt: Format, importance: Importance | None, name: str, rows: tuple[int, int] | None = None
+) -> QuantizedTensor:
+    """``weight``, tensor ``name`` or its output rows ``start:stop``, quantized in ``fmt`` with
+    the calibration's importance for that tensor: its input columns' and, for the LM head, its
+    output rows'. Every path that compresses a matrix (validators, build, search) goes here."""
+    if importance is None:
+        return quantize(weight, fmt)
+    row_weights = importance.rows(name)
+    if row_weights is not None and rows is not None:
+        row_weights = row_weights[rows[0]:rows[1]]
+    return quantize(weight, fmt, importance.get(name), row_importance=row_weights)
+
+
 def quantizable_tensors(gguf: GGUFFile) -> list[str]:
     """Names a recipe can compress: every matrix and expert bank of the layers but the router, and the LM head."""
     names = [
@@ -215,18 +229,18 @@ class RecipeWeights:
             self.expert_store.write(name, self._quantized_experts(name, fmt))
         return True
 
-    def quantized_matrix(self, name: str) -> QuantizedTensor:
-        """Matrix ``name`` in its stored form, equal to ``compressed(name)``: the cached one when a
-        validator quantized it already, else quantized alone and not kept, so a build that
-        streams the model holds one package's matrices at a time."""
-        cached = self._quantized.get(name)
-        return self._quantize_matrix(name) if cached is None else cached
+    def quantized_matrix(self, name: str, rows: tuple[int, int] | None = None) -> QuantizedTensor:
+        """Matrix ``name`` (or its output rows ``start:stop``) in its stored form, equal to
+        ``compressed(name)`` (cut to those rows): the whole matrix cached when a validator
+        quantized it already, else quantized alone and not kept, so a build that streams the
+        model holds one package's matrices at a time."""
+        cached = self._quantized.get(name) if rows is None else None
+        return self._quantize_matrix(name, rows) if cached is None else cached
 
-    def _quantize_matrix(self, name: str) -> QuantizedTensor:
-        columns, rows = (None, None) if self.importance is None else (
-            self.importance.get(name), self.importance.rows(name))
-        weight = self.gguf.tensor(stored_name(self.gguf, name))
-        return quantize(weight, self.recipe.format_for(name), columns, row_importance=rows)
+    def _quantize_matrix(self, name: str, rows: tuple[int, int] | None = None) -> QuantizedTensor:
+        source = stored_name(self.gguf, name)
+        weight = self.gguf.tensor(source) if rows is None else self.gguf.rows(source, *rows)
+        return quantize_tensor(weight, self.recipe.format_for(name), self.importance, name, rows)
 
     def quantized_expert(self, name: str, index: int) -> QuantizedTensor:
         """Expert ``index`` of bank ``name`` in its stored form, a ``[1, Cout, Cin]`` bank.
