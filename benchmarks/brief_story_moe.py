@@ -157,17 +157,24 @@ def realism(gguf, tokens: list[np.ndarray]) -> Realism:
     )
 
 
-def exact_routing_cosine(gguf, weights: RecipeWeights, token_lists) -> float:
-    """Worst per-position logit cosine of the quantized stack made to route every token to the
-    exact model's experts (weighted by its own router probabilities over them): what the
-    golden check would see if quantization moved no token to another expert."""
+def exact_runs(gguf, token_lists) -> list[tuple[np.ndarray, dict[int, np.ndarray]]]:
+    """Per prompt, the exact model's logits and its experts per MoE layer."""
     exact = build(gguf.config, ExactWeights(gguf))
-    quantized = build(gguf.config, weights)
-    worst = 1.0
+    runs = []
     for tokens in token_lists:
         exact.router = recorded = RecordedRouting()
-        reference = exact.forward(tokens).logits
-        quantized.router = ForcedRouting(recorded.choices())
+        runs.append((exact.forward(tokens).logits, recorded.choices()))
+    return runs
+
+
+def exact_routing_cosine(gguf, weights: RecipeWeights, token_lists, exact) -> float:
+    """Worst per-position logit cosine of the quantized stack made to route every token to the
+    exact model's experts (``exact_runs``; weighted by its own router probabilities over them):
+    what the golden check would see if quantization moved no token to another expert."""
+    quantized = build(gguf.config, weights)
+    worst = 1.0
+    for tokens, (reference, choices) in zip(token_lists, exact):
+        quantized.router = ForcedRouting(choices)
         worst = min(worst, float(rowwise_cosine(reference, quantized.forward(tokens).logits).min()))
     return worst
 
@@ -198,6 +205,7 @@ def main() -> None:
                     print(line)
             for note in context.record("layers", story_recipe("fp16", args.scope), {})["notes"]:
                 print(f"note: {note}")
+            exact = exact_runs(gguf, context.tokens)
             header = (f"{'expert banks':30} {'bits':>5} {'bank SQNR':>9}  {'isolated min per layer':28} "
                       f"{'cumul.':>6} {'logit cos':>9} {'top-1':>5} {'routed':>6} {'forced':>6}  golden")
             print(header)
@@ -216,7 +224,7 @@ def main() -> None:
                       f"{layer_record['layers'][-1]['cumulative_min']:6.4f} "
                       f"{min(p['min_cosine'] for p in golden['prompts']):9.4f} "
                       f"{golden['top1_pooled']:5.2f} {golden['routing'][-1]['same_experts']:6.2f} "
-                      f"{exact_routing_cosine(gguf, weights, context.tokens):6.4f}  "
+                      f"{exact_routing_cosine(gguf, weights, context.tokens, exact):6.4f}  "
                       f"{'pass' if golden['passed'] else 'FAIL'}  ({time.perf_counter() - started:.0f} s)")
 
 
