@@ -22,10 +22,6 @@ importance_option = click.option("--importance/--no-importance", default=True, s
                                  help="Weight clustering and rounding by calibration activations.")
 
 
-def _status(message: str) -> None:
-    err_console.log(message)
-
-
 def _store_record(record: dict, db_path: str | None) -> int:
     from anepack.validate.history import RunStore
 
