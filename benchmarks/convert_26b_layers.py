@@ -2,7 +2,7 @@
 Gemma 4 26B-A4B's dimensions, its extrapolation to the real model's 30 layers, and peak memory
 with the step where it sits, against reading and dequantizing the same tensors in the same run.
 
-    anepack synth --arch gemma4 --moe --dims 26b-a4b --layers 2 --out /tmp/g4_26b.gguf
+    anepack synth --arch gemma4 --dims 26b-a4b --layers 2 --out /tmp/g4_26b.gguf
     python benchmarks/convert_26b_layers.py /tmp/g4_26b.gguf --recipe RECIPE.toml [--prompts FILE] [--out DIR]
 
 Baseline: every tensor of a layer read from the GGUF and dequantized to float32, expert by

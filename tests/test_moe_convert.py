@@ -16,7 +16,7 @@ from anepack.golden import load_prompts
 from anepack.quant import QuantizedTensor, parse_format, quantize
 from anepack.source import open_gguf
 from anepack.tokenizer import Tokenizer
-from anepack.validate.expert_store import ExpertStore
+from anepack.validate.quantized_store import QuantizedStore
 from anepack.validate.recipes import parse_recipe
 from anepack.validate.run import ValidationContext, gate_run
 from anepack.validate.weights import RecipeWeights, dequantized_expert
@@ -69,8 +69,8 @@ def test_experts_are_quantized_once_and_served_alike_from_memory_or_disk(gguf, t
     whole = cached.compressed(bank)
     reused = cached.quantized_expert(bank, 5)
     assert np.shares_memory(reused.indices, whole.indices)  # a view of the gate's bank, not a copy
-    store = ExpertStore(tmp_path)
-    stored = RecipeWeights(gguf, parse_recipe(RECIPE), expert_store=store)
+    store = QuantizedStore(tmp_path)
+    stored = RecipeWeights(gguf, parse_recipe(RECIPE), store=store)
     from_disk = stored.quantized_expert(bank, 5)
     for expert in (reused, from_disk):
         np.testing.assert_array_equal(alone.indices, expert.indices)
@@ -105,3 +105,30 @@ def test_the_gate_blames_only_the_layers_that_fail(gguf, tmp_path):
     assert 2 in failing and 0 not in failing  # layer 0 runs before the damage, exactly
     assert all(bool(layer["blame"]) == (il in failing) for il, layer in by_layer.items())
     assert by_layer[2]["blame"][0]["tensor"] == "blk.2.ffn_down_exps.weight"
+
+
+@pytest.mark.parametrize("spec", ["int8-channel", "lut4-g16", "lut6-tensor"])
+def test_matrices_are_stored_once_and_read_back_unchanged(gguf, tmp_path, spec):
+    """A trunk matrix put in the store on first use comes back with the same stored arrays as
+    quantizing it directly (``quantize``, no store, no cache), and later requests read the
+    store's file instead of quantizing again."""
+    matrix = "blk.0.attn_q.weight"
+    recipe = parse_recipe(f'name = "m"\n[[rule]]\ntensors = "*"\nformat = "{spec}"\n')
+    direct = quantize(gguf.tensor(matrix), parse_format(spec))
+    store = QuantizedStore(tmp_path)
+    stored = RecipeWeights(gguf, recipe, store=store)
+    first = stored.compressed(matrix)
+    assert matrix in store
+    assert not stored._quantized  # nothing kept in memory
+    files = sorted(store.directory.glob(f"{matrix}.*"))
+    assert files
+    mtimes = [f.stat().st_mtime_ns for f in files]
+    again = stored.quantized_matrix(matrix)
+    assert [f.stat().st_mtime_ns for f in files] == mtimes
+    for tensor in (first, again):
+        assert type(tensor) is type(direct) and tensor.shape == direct.shape
+        for field in ("data", "scale", "indices", "lut"):
+            if hasattr(direct, field):
+                np.testing.assert_array_equal(getattr(tensor, field), getattr(direct, field))
+        np.testing.assert_array_equal(tensor.dequantize(), direct.dequantize())
+    np.testing.assert_array_equal(stored(matrix), direct.dequantize().astype(np.float32))

@@ -141,6 +141,19 @@ def test_dense_gemma4_shards_match_the_reference(tmp_path):
         assert rowwise_cosine(reference.forward(tokens).logits, runtime.logits(tokens)).min() >= MIN_COSINE
 
 
+def test_released_packages_give_the_same_logits_and_hold_nothing_decoded(moe):
+    """``hold_weights=False`` (convert's check on a routed model) decodes each package per call
+    and drops it after: the same logits bit for bit, and no package keeps decoded weights."""
+    _, _, out, _ = moe
+    prompts = _prompts(out)
+    held = ShardRuntime(out, "mil").prompt_logits(prompts)
+    released = ShardRuntime(out, "mil", hold_weights=False)
+    for first, second in zip(held, released.prompt_logits(prompts)):
+        np.testing.assert_array_equal(first, second)
+    for _, shard in released._layers + released._heads:
+        assert not shard.program._materialized and not shard.program._widened_constants
+
+
 def test_decode_steps_continue_the_prefill(moe):
     _, _, out, _ = moe
     runtime = ShardRuntime(out, "mil")

@@ -238,3 +238,17 @@ def test_cli_writes_the_model_and_reports_it_as_json(tmp_path):
 
     failed = CliRunner().invoke(main, ["synth", "--arch", "gemma3", "--out", str(tmp_path / "missing" / "x.gguf")])
     assert failed.exit_code == 2
+
+
+def test_moe_goes_with_moe_dims_only(tmp_path):
+    """``--moe --dims 26b-a4b`` names one MoE model twice and is accepted (here it reaches the
+    layer count check); ``--moe`` with a dense preset, or per-layer embeddings with any preset,
+    is refused in one line before anything is written."""
+    out = tmp_path / "x.gguf"
+    accepted = CliRunner().invoke(main, ["synth", "--arch", "gemma4", "--moe", "--dims", "26b-a4b",
+                                         "--layers", "0", "--out", str(out)])
+    assert accepted.exit_code == 2 and "n_layer must be positive" in accepted.output, accepted.output
+    for flags in (["--moe", "--dims", "dense"], ["--per-layer-embeddings", "--dims", "26b-a4b"]):
+        refused = CliRunner().invoke(main, ["synth", "--arch", "gemma4", *flags, "--out", str(out)])
+        assert refused.exit_code == 2 and "choose at most one" in refused.output, (flags, refused.output)
+    assert not out.exists()

@@ -25,7 +25,7 @@ from anepack.reference.gemma4 import ForcedRouting, RecordedRouting, RoutingDiff
 from anepack.source.gguf_file import GGUFFile
 from anepack.validate.recipes import Recipe
 from anepack.validate.record import RunRecord
-from anepack.validate.expert_store import ExpertStore
+from anepack.validate.quantized_store import QuantizedStore
 from anepack.validate.run import ValidationContext, calibrate, gate_run, require_gate
 from anepack.validate.weights import RecipeWeights
 
@@ -75,7 +75,7 @@ def convert(
     context.importance = calibration if options.use_importance else None
 
     # Quantized once: the gate, the build and the checks share it; expert banks on disk.
-    weights = RecipeWeights(gguf, recipe, context.importance, expert_store=ExpertStore(out_dir))
+    weights = RecipeWeights(gguf, recipe, context.importance, store=QuantizedStore(out_dir))
     step("pre-flight gate", None)
     gate = gate_run(context, recipe, options.gate_sample, options.min_layer_cosine, weights,
                     progress=lambda message: step(f"gate: {message}", None))
@@ -120,7 +120,8 @@ def convert(
     gc.collect()
 
     step("golden check through shards", 0.0)
-    runtime = ShardRuntime(out_dir, "mil")
+    # A routed model's prompts run in one call: each package decoded once, then released.
+    runtime = ShardRuntime(out_dir, "mil", hold_weights=not routed)
     recorded = [RecordedRouting() for _ in context.tokens]
     # A routed model runs all prompts together, so each routed expert is decoded once per layer
     # for all of them; a dense one prompt by prompt, so one prompt's logits are held at a time.

@@ -32,9 +32,12 @@ from anepack.synth import (
 def synth(arch: str, moe: bool, per_layer: bool, variant: str | None, layers: int | None, seed: int,
           weight_type: str | None, out: str, as_json: bool) -> None:
     """Write a small, seeded GGUF model that llama.cpp can run."""
+    if moe and variant is not None and preset(arch, variant, out)[0].get("n_expert"):
+        moe = False  # named dimensions of an MoE model (26b-a4b): --moe says it again
     chosen = [name for name, flag in (("moe", moe), ("ple", per_layer), (variant, variant is not None)) if flag]
     if len(chosen) > 1:
-        raise click.UsageError("choose at most one of --moe, --per-layer-embeddings and --dims")
+        raise click.UsageError("choose at most one of --moe, --per-layer-embeddings and --dims "
+                               "(--moe goes with an MoE model's --dims)")
     dims, default_type = preset(arch, chosen[0], out) if chosen else ({}, "f32")
     weight_type = weight_type or default_type
     if as_json:

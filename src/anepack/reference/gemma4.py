@@ -50,7 +50,7 @@ from anepack.reference.common import (
 )
 from anepack.reference.model import Prompts, ReferenceModel
 from anepack.source.config import Gemma4Config
-from anepack.source.weights import LM_HEAD
+from anepack.source.weights import EMBEDDING, LM_HEAD, PER_LAYER_EMBEDDING
 
 
 # (layer, router logits [T, E], experts per token k) -> (experts [T, k], routing weights [T, k])
@@ -186,7 +186,7 @@ class Gemma4(ReferenceModel):
 
     def embed_tokens(self, tokens: np.ndarray) -> np.ndarray:
         cfg = self.config
-        rows = self.weight("token_embd.weight")[tokens]
+        rows = self.gather(EMBEDDING, tokens)
         hidden = self.round(rows * np.float32(cfg.embed_scale), None, "embed")
         per_layer = self._per_layer_inputs(tokens, hidden) if cfg.n_embd_per_layer else None
         self.sequence = SequenceState(len(tokens), per_layer)
@@ -196,7 +196,7 @@ class Gemma4(ReferenceModel):
         """llama.cpp's ``project_per_layer_inputs``: ``[T, n_layers, n_embd_per_layer]``."""
         cfg, r = self.config, self.round
         shape = (len(tokens), cfg.n_layers, cfg.n_embd_per_layer)
-        selected = self.weight("per_layer_token_embd.weight")[tokens].reshape(shape)
+        selected = self.gather(PER_LAYER_EMBEDDING, tokens).reshape(shape)
         selected = r(selected * np.float32(math.sqrt(cfg.n_embd_per_layer)), None, "per_layer_embd")
         projected = self.linear(hidden, "per_layer_model_proj.weight") * np.float32(1.0 / math.sqrt(cfg.n_embd))
         projected = r(projected, None, "per_layer_proj").reshape(shape)

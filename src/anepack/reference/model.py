@@ -8,10 +8,11 @@ same for several prompts at once, layer by layer: the results are each prompt's 
 architecture may share work between the prompts (an MoE layer reads each routed expert once for
 all of them instead of once per prompt).
 
-The embedding table and the LM head (``STREAMED_WEIGHTS``, vocab x n_embd: the largest
-tensors by far) are read by rows when the weight source offers ``rows(name, start, stop)``:
+The vocab-sized tables (``STREAMED_WEIGHTS``: the embedding, the LM head, Gemma 4's per-layer
+embeddings; the largest tensors by far) are read by rows when the weight source offers ``rows(name, start, stop)``:
 the lookup gathers the prompt's rows and the head multiplies chunk by chunk, so no float32
-copy of the whole table is held. Other sources are read whole and cached, as every weight is.
+copy of the whole table is held. Other sources are read whole. Weights read whole are kept in
+a cache bounded in bytes (``weight_cache``), so a deep model is not held whole in float32.
 """
 
 from __future__ import annotations
@@ -24,13 +25,14 @@ from typing import Protocol
 import numpy as np
 
 from anepack.reference.common import Overflow, Precision, gelu_tanh
-from anepack.source.weights import EMBEDDING, LM_HEAD
+from anepack.reference.weight_cache import WeightCache
+from anepack.source.weights import EMBEDDING, LM_HEAD, PER_LAYER_EMBEDDING
 from anepack.tokenizer import checked_tokens
 
 WeightSource = Callable[[str], np.ndarray]
 
-# The vocab x n_embd tables, read by rows from a source that serves them.
-STREAMED_WEIGHTS = frozenset({EMBEDDING, LM_HEAD})
+# The vocab-sized tables, read by rows from a source that serves them.
+STREAMED_WEIGHTS = frozenset({EMBEDDING, LM_HEAD, PER_LAYER_EMBEDDING})
 # LM-head rows per matmul: a power of two, so it falls on the BLAS kernel's column tiles and
 # on every format's blocks of rows (LUT groups, vectors); a float32 chunk of a 640-wide head
 # is 42 MB.
@@ -76,7 +78,8 @@ class ReferenceModel(ABC):
     def __init__(self, config, weights: WeightSource, fp16: bool = False, emulate: Arithmetic | None = None):
         self.config = config
         self._source = weights
-        self._cache: dict[str, np.ndarray] = {}
+        self._cache = WeightCache()
+        self._tables: dict[str, np.ndarray] = {}  # vocab-sized tables read whole
         self.precision = Precision(fp16)
         # Called with (weight name, input rows) before every matmul: calibration collects
         # per-column activation statistics through it.
@@ -91,16 +94,23 @@ class ReferenceModel(ABC):
         return self.precision.overflow
 
     def weight(self, name: str) -> np.ndarray:
-        """Tensor ``name`` as float32 (float16-valued in fp16 mode), read from the source once."""
-        cached = self._cache.get(name)
+        """Tensor ``name`` as float32 (float16-valued in fp16 mode), read from the source again
+        only when the bounded cache has dropped it."""
+        table = name in STREAMED_WEIGHTS
+        cached = self._tables.get(name) if table else self._cache.get(name)
         if cached is None:
-            loaded = np.asarray(self._source(name), dtype=np.float32)
-            cached = self._cache[name] = self.precision.weight(loaded)
+            cached = self.precision.weight(np.asarray(self._source(name), dtype=np.float32))
+            if table:
+                # Read whole only where it cannot stream (a source without ``rows``, emulated
+                # arithmetic), and then needed whole on every pass: kept.
+                self._tables[name] = cached
+            else:
+                self._cache.put(name, cached)
         return cached
 
     def streams(self, name: str) -> bool:
         """True when ``name`` is read by rows from the source, never whole."""
-        return name in STREAMED_WEIGHTS and name not in self._cache and hasattr(self._source, "rows")
+        return name in STREAMED_WEIGHTS and name not in self._tables and hasattr(self._source, "rows")
 
     def _source_rows(self, name: str, start: int, stop: int) -> np.ndarray:
         return self.precision.weight(np.asarray(self._source.rows(name, start, stop), dtype=np.float32))

@@ -41,11 +41,17 @@ from anepack.tokenizer import checked_tokens
 
 
 class ShardRuntime:
-    """A built shard directory loaded for generation with ``backend`` (``mil`` or ``coreml``)."""
+    """A built shard directory loaded for generation with ``backend`` (``mil`` or ``coreml``).
 
-    def __init__(self, out_dir: str | Path, backend: str = "mil"):
+    ``hold_weights``: keep every package's decoded weights between calls (generation decodes
+    each package once). False releases a package's decoded weights as soon as every chunk of a
+    call has run through it, so memory holds one package's weights: a check that runs all its
+    prompts in one call through a deep model (30 layers of 26B-A4B decode to gigabytes)."""
+
+    def __init__(self, out_dir: str | Path, backend: str = "mil", hold_weights: bool = True):
         self.out_dir = Path(out_dir)
         self.backend = backend
+        self.hold_weights = hold_weights
         self.manifest = read_manifest(self.out_dir)
         self.config = read_config(self.out_dir)
         if self.config.architecture != self.manifest.architecture:
@@ -195,12 +201,18 @@ class ShardRuntime:
                               for trunk, summed in zip(trunks, routed)]
             else:
                 boundaries = [{"hidden": trunk["hidden_out"]} for trunk in trunks]
+            self._done_with(shard)
         logits = [[] for _ in chunks]
         for entry, shard in self._heads:
             for chunk, boundary, pieces in zip(chunks, boundaries, logits):
                 outputs = self._run(entry, shard, chunk.function, boundary)
                 pieces += [outputs[spec.name][0, :len(chunk.tokens)] for spec in entry.functions[chunk.function].outputs]
+            self._done_with(shard)
         return [np.concatenate(pieces, axis=-1).astype(np.float32) for pieces in logits]
+
+    def _done_with(self, shard: ShardEngine) -> None:
+        if not self.hold_weights:
+            shard.release()
 
     def _run_experts(self, il: int, trunks: list[dict[str, np.ndarray]], chunks: list[_Chunk]) -> list[np.ndarray]:
         """Per chunk, the routed sum ``[1, width, D]`` float16 of MoE layer ``il`` for its real tokens.

@@ -16,6 +16,8 @@ from anepack.source.gguf_file import GGUFFile
 
 LM_HEAD = "output.weight"
 EMBEDDING = "token_embd.weight"
+# Gemma 4 E2B/E4B: every layer's per-token embedding, [vocab, n_layers * n_embd_per_layer].
+PER_LAYER_EMBEDDING = "per_layer_token_embd.weight"
 
 WeightSource = Callable[[str], np.ndarray]
 

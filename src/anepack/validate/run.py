@@ -26,6 +26,7 @@ from anepack.source.gguf_file import GGUFFile
 from anepack.validate.bits import recipe_bits
 from anepack.validate.calibration import Importance, load_or_collect
 from anepack.validate.layers import sample_layers, validate_layers
+from anepack.validate.quantized_store import QuantizedStore
 from anepack.validate.recipes import Recipe
 from anepack.validate.record import DEFAULT_THRESHOLDS, RunRecord, new_record
 from anepack.validate.weights import RecipeWeights
@@ -90,7 +91,10 @@ class ValidationContext:
         return context
 
     def weights(self, recipe: Recipe) -> RecipeWeights:
-        return RecipeWeights(self.gguf, recipe, self.importance)
+        """The recipe's weights; an MoE model's quantized weights go to a temporary store on
+        disk (its banks are gigabytes per layer), a dense model's are cached in memory."""
+        routed = any(len(info.shape) == 3 for info in self.gguf.tensors.values())
+        return RecipeWeights(self.gguf, recipe, self.importance, store=QuantizedStore() if routed else None)
 
     def record(self, kind: str, recipe: Recipe, thresholds: dict) -> RunRecord:
         record = new_record(kind, self.gguf.path, recipe, {**DEFAULT_THRESHOLDS, **thresholds})

@@ -7,9 +7,11 @@ brief (one outlier-driven scale over a 31M-weight bank). The MoE router (``ffn_g
 is never quantized: it chooses the experts, and a coarsely rounded router sends tokens to other
 experts, so it stays float16 whatever the recipe's patterns match.
 
-Given an ``ExpertStore``, banks quantized expert by expert are written to it as they are made
-and read back one expert at a time, instead of cached in memory: a model's quantized experts
-are made once for the gate, the build and the checks, and memory holds one expert.
+Given a ``QuantizedStore``, banks quantized expert by expert are written to it as they are made
+and read back one expert at a time, and matrices are written whole and read back whole,
+instead of cached in memory: a model's quantized weights are made once for the gate, the build
+and the checks, and memory holds one expert and the matrices in use. Dequantized (float32)
+matrices are kept in a cache bounded in bytes (``reference.weight_cache``).
 
 The embedding table and the LM head (vocab x n_embd) are never held whole as float32: the
 reference reads them by rows (``rows``), the exact ones from the memory-mapped GGUF and the
@@ -33,10 +35,11 @@ from anepack.quant import (
 )
 from anepack.quant.packing import weight_rows
 from anepack.reference.model import STREAMED_WEIGHTS
+from anepack.reference.weight_cache import WeightCache
 from anepack.source.gguf_file import GGUFFile
 from anepack.source.weights import LM_HEAD, SourceWeights, WeightSource, stored_name
 from anepack.validate.calibration import Importance
-from anepack.validate.expert_store import ExpertStore
+from anepack.validate.quantized_store import QuantizedStore
 from anepack.validate.recipes import Recipe
 
 ROUTER_SUFFIX = ".ffn_gate_inp.weight"
@@ -123,13 +126,13 @@ def dequantized_expert(stored: QuantizedTensor) -> np.ndarray:
 
 
 class ExactWeights(SourceWeights):
-    """The source model's float32 weights, each dequantized once and kept, except the
-    vocab-sized tables: those are served by ``rows`` from the memory-mapped GGUF and, asked
-    for whole, dequantized afresh and not kept."""
+    """The source model's float32 weights, dequantized and kept in a cache bounded in bytes,
+    except the vocab-sized tables: those are served by ``rows`` from the memory-mapped GGUF
+    and, asked for whole, dequantized afresh and not kept."""
 
     def __init__(self, gguf: GGUFFile):
         super().__init__(gguf)
-        self._cache: dict[str, np.ndarray] = {}
+        self._cache = WeightCache()
 
     def __call__(self, name: str) -> np.ndarray:
         stored = stored_name(self.gguf, name)  # a tied head and the embedding share one copy
@@ -137,7 +140,7 @@ class ExactWeights(SourceWeights):
             return self.gguf.tensor(stored)
         cached = self._cache.get(stored)
         if cached is None:
-            cached = self._cache[stored] = self.gguf.tensor(stored)
+            cached = self._cache.put(stored, self.gguf.tensor(stored))
         return cached
 
     def rows(self, name: str, start: int, stop: int) -> np.ndarray:
@@ -153,22 +156,22 @@ class RecipeWeights:
     quantizes every expert alone even in a per-tensor format (the counterfactual that shows
     granularity, not bit width, breaks a bank). ``restricted`` gives a source that quantizes
     only some tensors (the rest exact): the layer validator blames one tensor at a time with it.
-    With an ``expert_store``, banks quantized expert by expert live there instead of in memory.
+    With a ``store``, matrices and banks quantized expert by expert live there instead of in memory.
     """
 
     def __init__(
         self, gguf: GGUFFile, recipe: Recipe, importance: Importance | None = None, whole_banks: bool = True,
-        expert_store: ExpertStore | None = None,
+        store: QuantizedStore | None = None,
     ):
         self.gguf = gguf
         self.recipe = recipe
         self.importance = importance
         self.whole_banks = whole_banks
-        self.expert_store = expert_store
+        self.store = store
         self.quantizable = set(quantizable_tensors(gguf))
         self.exact = ExactWeights(gguf)  # shared by the exact references of every validator
         self._quantized: dict[str, QuantizedTensor] = {}
-        self._dense: dict[str, np.ndarray] = {}
+        self._dense = WeightCache()
 
     def is_bank(self, name: str) -> bool:
         return name in self.gguf.tensors and len(self.gguf.info(name).shape) == 3
@@ -179,7 +182,11 @@ class RecipeWeights:
         if name not in self.quantizable:
             return None
         if self._stored(name):
-            return self.expert_store.bank(name)  # whole, not kept: a stored bank is read by experts
+            return self.store.bank(name)  # whole, not kept: a stored bank is read by experts
+        if self.store is not None and not self.is_bank(name):
+            if name not in self.store:
+                self.store.put(name, self._quantize_matrix(name))
+            return self.store.get(name)
         cached = self._quantized.get(name)
         if cached is None:
             fmt = self.recipe.format_for(name)
@@ -220,20 +227,22 @@ class RecipeWeights:
 
     def _stored(self, name: str) -> bool:
         """True when bank ``name`` lives in the expert store; quantizes it into the store on first use."""
-        if self.expert_store is None or not self.is_bank(name) or name not in self.quantizable:
+        if self.store is None or not self.is_bank(name) or name not in self.quantizable:
             return False
         fmt = self.recipe.format_for(name)
         if self.whole_banks and one_scale_per_tensor(fmt):
             return False  # one scale over the bank: quantized whole, in memory
-        if name not in self.expert_store:
-            self.expert_store.write(name, self._quantized_experts(name, fmt))
+        if name not in self.store:
+            self.store.write(name, self._quantized_experts(name, fmt))
         return True
 
     def quantized_matrix(self, name: str, rows: tuple[int, int] | None = None) -> QuantizedTensor:
         """Matrix ``name`` (or its output rows ``start:stop``) in its stored form, equal to
-        ``compressed(name)`` (cut to those rows): the whole matrix cached when a validator
-        quantized it already, else quantized alone and not kept, so a build that streams the
-        model holds one package's matrices at a time."""
+        ``compressed(name)`` (cut to those rows): the whole matrix from the store, or cached
+        when a validator quantized it already, else quantized alone and not kept, so a build
+        that streams the model holds one package's matrices at a time."""
+        if rows is None and self.store is not None:
+            return self.compressed(name)
         cached = self._quantized.get(name) if rows is None else None
         return self._quantize_matrix(name, rows) if cached is None else cached
 
@@ -251,7 +260,7 @@ class RecipeWeights:
         format over the whole bank always comes from the bank (one scale for all).
         """
         if self._stored(name):
-            return self.expert_store.expert(name, index)
+            return self.store.expert(name, index)
         fmt = self.recipe.format_for(name)
         if name in self._quantized or (self.whole_banks and one_scale_per_tensor(fmt)):
             return expert_of(self.compressed(name), index)
@@ -263,7 +272,7 @@ class RecipeWeights:
             compressed = self.compressed(name)
             dense = self.exact(name) if compressed is None else compressed.dequantize().astype(np.float32)
             if name not in STREAMED_WEIGHTS:
-                self._dense[name] = dense
+                self._dense.put(name, dense)
         return dense
 
     def rows(self, name: str, start: int, stop: int) -> np.ndarray:
@@ -276,7 +285,7 @@ class RecipeWeights:
     def expert(self, name: str, index: int) -> np.ndarray:
         """Expert ``index`` of bank ``name`` as the recipe stores it, float32 ``[Cout, Cin]``."""
         if self._stored(name):
-            return dequantized_expert(self.expert_store.expert(name, index))
+            return dequantized_expert(self.store.expert(name, index))
         compressed = self.compressed(name)
         if compressed is None:
             return self.gguf.expert(name, index)
@@ -285,7 +294,7 @@ class RecipeWeights:
     def bits_per_weight(self, name: str) -> float:
         """Stored bits per weight of ``name`` (a stored bank's from one expert: all are stored alike)."""
         if self._stored(name):
-            return self.expert_store.expert(name, 0).bits_per_weight
+            return self.store.expert(name, 0).bits_per_weight
         return self.compressed(name).bits_per_weight
 
     def restricted(self, names: set[str]) -> WeightSource:
