@@ -123,7 +123,10 @@ def test_matrices_are_stored_once_and_read_back_unchanged(gguf, tmp_path, spec):
     files = sorted(store.directory.glob(f"{matrix}.*"))
     assert files
     mtimes = [f.stat().st_mtime_ns for f in files]
+    assert stored.compressed(matrix) is first  # the last one read is kept: row chunks share it
+    stored.compressed("blk.1.attn_q.weight")
     again = stored.quantized_matrix(matrix)
+    assert again is not first  # read back from the file
     assert [f.stat().st_mtime_ns for f in files] == mtimes
     for tensor in (first, again):
         assert type(tensor) is type(direct) and tensor.shape == direct.shape

@@ -172,6 +172,7 @@ class RecipeWeights:
         self.exact = ExactWeights(gguf)  # shared by the exact references of every validator
         self._quantized: dict[str, QuantizedTensor] = {}
         self._dense = WeightCache()
+        self._last_read: tuple[str, QuantizedTensor] | None = None
 
     def is_bank(self, name: str) -> bool:
         return name in self.gguf.tensors and len(self.gguf.info(name).shape) == 3
@@ -184,9 +185,7 @@ class RecipeWeights:
         if self._stored(name):
             return self.store.bank(name)  # whole, not kept: a stored bank is read by experts
         if self.store is not None and not self.is_bank(name):
-            if name not in self.store:
-                self.store.put(name, self._quantize_matrix(name))
-            return self.store.get(name)
+            return self._stored_matrix(name)
         cached = self._quantized.get(name)
         if cached is None:
             fmt = self.recipe.format_for(name)
@@ -196,6 +195,18 @@ class RecipeWeights:
                 cached = self._quantize_matrix(name)
             self._quantized[name] = cached
         return cached
+
+    def _stored_matrix(self, name: str) -> QuantizedTensor:
+        """Matrix ``name`` from the store, quantized into it on first use. The last one read
+        stays in memory: the LM head is read in row chunks, one after another, and each chunk
+        of a per-tensor format is cut from the whole (views that keep it alive)."""
+        if self._last_read is not None and self._last_read[0] == name:
+            return self._last_read[1]
+        self._last_read = None  # released before the next one is read
+        if name not in self.store:
+            self.store.put(name, self._quantize_matrix(name))
+        self._last_read = (name, self.store.get(name))
+        return self._last_read[1]
 
     def _quantize_bank(self, name: str, fmt: Format) -> QuantizedTensor:
         if self.whole_banks and one_scale_per_tensor(fmt):
