@@ -31,6 +31,7 @@ def test_gate_stops_a_build_that_would_fail_and_names_the_blame(model, tmp_path)
     message = result.stderr.strip().splitlines()[-1]
     assert "pre-flight gate failed" in message and "attn_v.weight" in message and "Traceback" not in result.stderr
     assert not (out / "manifest.json").exists() and not list(out.glob("*.mlpackage"))
+    assert not list(out.glob(".quantized-*"))  # the quantized weights' store goes with the run
 
 
 def test_convert_ships_a_validated_artifact(model, tmp_path):
@@ -40,6 +41,9 @@ def test_convert_ships_a_validated_artifact(model, tmp_path):
     recipe.write_text('name = "light"\n[[rule]]\ntensors = "blk.*.ffn_up.weight"\nformat = "int8-channel"\n'
                       '[[rule]]\ntensors = "*"\nformat = "fp16"\n')
     out = tmp_path / "shards"
+    stale = out / ".quantized-killed"  # what a killed run's store would leave
+    stale.mkdir(parents=True)
+    (stale / "blk.0.attn_q.weight.data").write_bytes(b"\0" * 64)
     # the context must hold the longest golden prompt, padded to whole chunks
     result = run_cli("convert", str(model), "--recipe", str(recipe), "--out", str(out), "--chunk", "16",
                      "--context", "128", "--json")
@@ -51,3 +55,4 @@ def test_convert_ships_a_validated_artifact(model, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["validation"]["passed"] and manifest["recipe_name"] == "light"
     assert (out / "report.html").stat().st_size > 10_000
+    assert not list(out.glob(".quantized-*"))  # the stale store removed, this run's own too

@@ -23,9 +23,9 @@ from anepack.golden import Thresholds, compare, verdict
 from anepack.reference import build
 from anepack.reference.gemma4 import ForcedRouting, RecordedRouting, RoutingDifference
 from anepack.source.gguf_file import GGUFFile
+from anepack.validate.quantized_store import QuantizedStore, remove_stale_stores
 from anepack.validate.recipes import Recipe
 from anepack.validate.record import RunRecord
-from anepack.validate.quantized_store import QuantizedStore
 from anepack.validate.run import ValidationContext, calibrate, gate_run, require_gate
 from anepack.validate.weights import RecipeWeights
 
@@ -74,7 +74,9 @@ def convert(
     context = ValidationContext.prepare(gguf, prompts_path, use_importance=False)
     context.importance = calibration if options.use_importance else None
 
-    # Quantized once: the gate, the build and the checks share it; expert banks on disk.
+    # Quantized once: the gate, the build and the checks share it, on disk.
+    for stale in remove_stale_stores(out_dir):
+        step(f"removed {stale.name}, left by an interrupted run", None)
     weights = RecipeWeights(gguf, recipe, context.importance, store=QuantizedStore(out_dir))
     step("pre-flight gate", None)
     gate = gate_run(context, recipe, options.gate_sample, options.min_layer_cosine, weights,

@@ -32,11 +32,24 @@ def _array_fields(tensor: QuantizedTensor) -> dict[str, np.ndarray]:
     }
 
 
+STORE_PREFIX = ".quantized-"
+
+
+def remove_stale_stores(parent: str | Path) -> list[Path]:
+    """Delete store directories a killed run left under ``parent`` (a store is removed when its
+    run ends, but not after SIGKILL or a power cut: a 26B-A4B model's is tens of gigabytes).
+    Returns what was removed. Call it before making a store there, not while another runs."""
+    stale = [path for path in Path(parent).glob(f"{STORE_PREFIX}*") if path.is_dir()]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
 class QuantizedStore:
     """Quantized expert banks and matrices in a temporary directory under ``parent``."""
 
     def __init__(self, parent: str | Path | None = None):
-        self.directory = Path(tempfile.mkdtemp(prefix=".quantized-", dir=parent))
+        self.directory = Path(tempfile.mkdtemp(prefix=STORE_PREFIX, dir=parent))
         # Per bank: expert 0 as a one-expert bank ``[1, Cout, Cin]``, the layout of every record.
         self._layouts: dict[str, QuantizedTensor] = {}
         self._counts: dict[str, int] = {}
