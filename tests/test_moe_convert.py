@@ -1,7 +1,7 @@
 """``convert`` on the synthetic MoE model: the artifact check compares the shards with the
 reference on the same weights routed as the shards routed, reports every position where the
 shards chose other experts, and each such choice is a near-tie; the build reuses the experts
-the gate quantized, from memory or from the expert store on disk."""
+the gate quantized, from memory or from the store on disk; trunk matrices go to the store too."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def test_artifact_check_routes_the_reference_as_the_shards_did(gguf, tmp_path):
 
 
 def test_experts_are_quantized_once_and_served_alike_from_memory_or_disk(gguf, tmp_path):
-    """An expert cut from the cached bank, read back from the expert store, or quantized alone
+    """An expert cut from the cached bank, read back from the store, or quantized alone
     has the same stored arrays, and dequantizes to the same weight."""
     bank = "blk.1.ffn_down_exps.weight"
     alone = RecipeWeights(gguf, parse_recipe(RECIPE)).quantized_expert(bank, 5)

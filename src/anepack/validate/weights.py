@@ -237,7 +237,7 @@ class RecipeWeights:
         return quantize(self.gguf.expert(name, index), fmt, None if rows is None else rows[index])
 
     def _stored(self, name: str) -> bool:
-        """True when bank ``name`` lives in the expert store; quantizes it into the store on first use."""
+        """True when bank ``name`` lives in the store; quantizes it into the store on first use."""
         if self.store is None or not self.is_bank(name) or name not in self.quantizable:
             return False
         fmt = self.recipe.format_for(name)
@@ -265,7 +265,7 @@ class RecipeWeights:
     def quantized_expert(self, name: str, index: int) -> QuantizedTensor:
         """Expert ``index`` of bank ``name`` in its stored form, a ``[1, Cout, Cin]`` bank.
 
-        From the expert store, or cut from the quantized bank when it is cached, so an expert
+        From the store, or cut from the quantized bank when it is cached, so an expert
         is quantized once for the gate, the build and the checks; otherwise quantized alone
         and not kept, so a build that streams a bank holds one expert at a time. A per-tensor
         format over the whole bank always comes from the bank (one scale for all).
