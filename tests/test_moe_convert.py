@@ -135,3 +135,17 @@ def test_matrices_are_stored_once_and_read_back_unchanged(gguf, tmp_path, spec):
                 np.testing.assert_array_equal(getattr(tensor, field), getattr(direct, field))
         np.testing.assert_array_equal(tensor.dequantize(), direct.dequantize())
     np.testing.assert_array_equal(stored(matrix), direct.dequantize().astype(np.float32))
+
+
+def test_a_store_that_cannot_be_written_fails_in_one_line(gguf, tmp_path):
+    """A full disk or a removed directory: an AnepackError naming the store's directory."""
+    from anepack.errors import AnepackError
+
+    store = QuantizedStore(tmp_path)
+    store.close()  # the directory is gone
+    weights = RecipeWeights(gguf, parse_recipe(RECIPE), store=store)
+    for request in (lambda: weights.compressed("blk.0.attn_q.weight"),
+                    lambda: weights.quantized_expert("blk.0.ffn_down_exps.weight", 0)):
+        with pytest.raises(AnepackError, match="cannot store quantized weights here") as error:
+            request()
+        assert str(store.directory) in str(error.value) and "\n" not in str(error.value)

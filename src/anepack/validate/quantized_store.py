@@ -13,15 +13,17 @@ directory is temporary and removed with the store.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
 import tempfile
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 
+from anepack.errors import AnepackError
 from anepack.quant import QuantizedTensor
 
 
@@ -63,8 +65,9 @@ class QuantizedStore:
     def put(self, name: str, tensor: QuantizedTensor) -> None:
         """Store a whole tensor (a matrix in its stored form); ``get`` reads it back."""
         arrays = _array_fields(tensor)
-        for field, array in arrays.items():
-            np.ascontiguousarray(array).tofile(self._path(name, field))
+        with self._writing():
+            for field, array in arrays.items():
+                np.ascontiguousarray(array).tofile(self._path(name, field))
         shapes = {field: (array.dtype, array.shape) for field, array in arrays.items()}
         self._matrices[name] = (dataclasses.replace(tensor, **dict.fromkeys(arrays)), shapes)
 
@@ -76,6 +79,16 @@ class QuantizedStore:
             for field, (dtype, shape) in shapes.items()
         })
 
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """A failed write (a full disk: a 26B-A4B model's store is tens of gigabytes) as one line."""
+        try:
+            yield
+        except OSError as error:
+            raise AnepackError(self.directory, f"cannot store quantized weights here: {error.strerror or error} "
+                                               "(a store is made in the output directory, or in TMPDIR "
+                                               "for the validators)") from None
+
     def _path(self, bank: str, field: str) -> Path:
         return self.directory / f"{bank}.{field}"
 
@@ -83,13 +96,14 @@ class QuantizedStore:
         """Store ``experts`` (each ``[Cout, Cin]`` as quantized alone, in expert order)."""
         files, layout, count = {}, None, 0
         try:
-            for expert in experts:
+            for expert in experts:  # made as they are written: their own errors pass through
                 one = QuantizedTensor.stack([expert])
-                if layout is None:
-                    layout = one
-                    files = {field: open(self._path(bank, field), "wb") for field in _array_fields(one)}
-                for field, array in _array_fields(one).items():
-                    files[field].write(np.ascontiguousarray(array).tobytes())
+                with self._writing():
+                    if layout is None:
+                        layout = one
+                        files = {field: open(self._path(bank, field), "wb") for field in _array_fields(one)}
+                    for field, array in _array_fields(one).items():
+                        files[field].write(np.ascontiguousarray(array).tobytes())
                 count += 1
         finally:
             for handle in files.values():
