@@ -36,7 +36,7 @@ from anepack.convert import ConvertOptions, convert
 from anepack.source.gguf_file import open_gguf
 from anepack.validate.recipes import load_recipe
 from anepack.validate.run import calibrate
-from anepack.validate.weights import RecipeWeights
+from anepack.validate.weights import RecipeWeights, one_scale_per_tensor
 
 REAL_LAYERS = 30
 _LAYER_FILE = re.compile(r"building (?:layers|experts)_(\d+)_")
@@ -63,12 +63,16 @@ def quantize_experts(gguf, recipe, importance, il: int, sample: int = 8) -> floa
     """Seconds to quantize all of layer ``il``'s experts in the recipe's formats, weighted by the
     calibration's importance as convert weighs them, one expert at a time (convert runs one per
     core), from ``sample`` experts of each bank (every expert of a bank has the same shape and
-    format)."""
+    format). A format with one scale or LUT over the bank quantizes the whole bank at once: timed once."""
     weights = RecipeWeights(gguf, recipe, importance)
     seconds = 0.0
     for name, info in gguf.tensors.items():
         if name.startswith(f"blk.{il}.") and len(info.shape) == 3 and name in weights.quantizable:
             started = time.perf_counter()
+            if one_scale_per_tensor(recipe.format_for(name)):
+                weights.compressed(name)
+                seconds += time.perf_counter() - started
+                continue
             for expert in range(sample):
                 weights.quantized_expert(name, expert)
             seconds += (time.perf_counter() - started) * info.shape[0] / sample

@@ -149,3 +149,25 @@ def test_a_store_that_cannot_be_written_fails_in_one_line(gguf, tmp_path):
         with pytest.raises(AnepackError, match="cannot store quantized weights here") as error:
             request()
         assert str(store.directory) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_bank_with_one_scale_is_stored_whole_and_read_by_experts(gguf, tmp_path):
+    """int8-tensor over a whole bank (the brief's failure): quantized once from the whole bank,
+    kept on disk, not in memory; each expert read back equals its slice of the in-memory bank,
+    with the bank's one scale, and the bits count that one scale once."""
+    bank = "blk.1.ffn_gate_up_exps.weight"
+    recipe = parse_recipe('name = "t"\n[[rule]]\ntensors = "*_exps.weight"\nformat = "int8-tensor"\n')
+    in_memory = RecipeWeights(gguf, recipe)
+    whole = in_memory.compressed(bank)
+    assert whole.scale.shape[0] == 1  # one scale over the bank
+    stored = RecipeWeights(gguf, recipe, store=QuantizedStore(tmp_path))
+    for index in (0, 7, gguf.info(bank).shape[0] - 1):
+        expert = stored.quantized_expert(bank, index)
+        np.testing.assert_array_equal(expert.data, whole.data[index:index + 1])
+        np.testing.assert_array_equal(expert.scale, whole.scale)
+        np.testing.assert_array_equal(stored.expert(bank, index), whole.dequantize()[index].astype(np.float32))
+    assert not stored._quantized
+    assert stored.bits_per_weight(bank) == whole.bits_per_weight
+    np.testing.assert_array_equal(stored.compressed(bank).data, whole.data)
+    with pytest.raises(IndexError):
+        stored.quantized_expert(bank, gguf.info(bank).shape[0])

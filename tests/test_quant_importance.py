@@ -107,3 +107,44 @@ def test_head_row_importance_keeps_more_held_out_top1_tokens(measured, default_m
 
     plain, weighted = agreement(None), agreement(importance.rows(LM_HEAD))
     assert weighted > plain + 0.015, (plain, weighted)
+
+
+@pytest.mark.parametrize("spec", ["int8-tensor", "uint8-tensor"])
+def test_one_scale_over_a_tensor_larger_than_a_chunk_is_the_least_error_candidate(monkeypatch, spec):
+    """A per-tensor scale searched over row slices (the tensor larger than a cache chunk, as a
+    whole expert bank is) is the shrink candidate with the least importance-weighted squared
+    error over the whole tensor, found here by brute force in float64."""
+    from anepack.quant import linear, parse_format
+
+    monkeypatch.setattr(linear, "CACHE_CHUNK_ELEMENTS", 64 * 7)  # 7 rows per slice, 43 slices
+    rng = np.random.default_rng(5)
+    weight = (rng.standard_t(3, size=(300, 64)) * 0.02).astype(np.float32)
+    weight[17, 5] = 0.9  # an outlier sets the range
+    importance = rng.gamma(0.5, 1.0, 64).astype(np.float32)
+    fmt = parse_format(spec)
+    q = quantize(weight, fmt, importance)
+
+    code_min, code_max = fmt.code_range
+    w = weight.astype(np.float64)
+    low, high = min(w.min(), 0.0), max(w.max(), 0.0)
+    if not fmt.affine:
+        high = max(-low, high)
+        low = -high
+    errors, candidates = [], []
+    for factor in linear.SHRINK_FACTORS:
+        if fmt.affine:
+            span = (high - low) * factor
+            scale = float(np.float16(span / (code_max - code_min)))
+            offset = float(np.clip(np.rint((code_min * high * factor - code_max * low * factor) / span),
+                                   code_min, code_max))
+        else:
+            half = 2 ** (fmt.nbits - 1) - 1
+            scale = float(np.float16(high * factor / half))
+            offset = 0.0 if fmt.signed else float(half)
+        codes = np.clip(np.rint(w / scale) + offset, code_min, code_max)
+        errors.append(float((importance * (w - (codes - offset) * scale) ** 2).sum()))
+        candidates.append((scale, codes))
+    best = int(np.argmin(errors))
+    assert best > 0  # the outlier makes a shrunk range win: the search mattered
+    assert float(q.scale.ravel()[0]) == candidates[best][0]
+    np.testing.assert_array_equal(q.data.astype(np.float64), candidates[best][1])

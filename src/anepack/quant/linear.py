@@ -203,55 +203,64 @@ def _search_levels(
     The search is most of a large matrix's quantization time and is bound by memory traffic,
     so every candidate is tried on a cache-sized chunk of block rows before the next chunk is
     read, in two reused buffers (fresh temporaries per candidate cost more than the arithmetic).
+    A block larger than a chunk (one scale over a whole tensor or expert bank) is read in
+    slices of its rows, its candidates' errors summed over the slices: the buffers stay
+    chunk-sized instead of two float32 copies of the tensor (4 GB for a 26B-A4B gate/up bank).
     """
-    code_min, code_max = fmt.code_range
     grid_rows, block_rows, grid_cols, block_cols = blocks.shape
     scales = scales.astype(np.float32)
     # A zero offset (signed symmetric formats) adds and removes nothing: those passes are skipped.
-    shifted = bool(np.any(offsets))
+    offsets_or_none = offsets if np.any(offsets) else None
     chosen = np.zeros((grid_rows, 1, grid_cols, 1), dtype=np.intp)
     codes = np.empty(blocks.shape, dtype=np.int8 if fmt.signed else np.uint8)
-    step = max(1, CACHE_CHUNK_ELEMENTS // (block_rows * grid_cols * block_cols))
-    levels = np.empty((min(step, grid_rows),) + blocks.shape[1:], dtype=np.float32)
-    weighted = np.empty_like(levels)
     weights = None if importance is None else np.asarray(importance, np.float32).reshape(1, 1, grid_cols, block_cols)
-    for start in range(0, grid_rows, step):
-        rows = slice(start, start + step)
-        chunk = blocks[rows]
-        error, product = levels[: len(chunk)], weighted[: len(chunk)]
-        if weights is not None:
-            chosen[rows] = _least_error(
-                fmt, chunk, scales[:, rows], offsets[:, rows] if shifted else None, weights, error, product
-            )
+    row_elements = grid_cols * block_cols
+    slice_rows = max(1, CACHE_CHUNK_ELEMENTS // row_elements)  # rows of one block per pass
+    if block_rows <= slice_rows:
+        step = max(1, CACHE_CHUNK_ELEMENTS // (block_rows * row_elements))  # whole blocks per pass
+        passes = [(slice(g, g + step), slice(None)) for g in range(0, grid_rows, step)]
+    else:
+        step = 1
+        passes = [(slice(g, g + 1), slice(r, r + slice_rows)) for g in range(grid_rows)
+                  for r in range(0, block_rows, slice_rows)]
+    buffer_shape = (min(step, grid_rows), min(block_rows, slice_rows), grid_cols, block_cols)
+    error, product = np.empty(buffer_shape, np.float32), np.empty(buffer_shape, np.float32)
+    if weights is not None:
+        totals = np.zeros((len(scales), grid_rows, 1, grid_cols, 1), dtype=np.float64)
+        for rows, within in passes:
+            chunk = blocks[rows, within]
+            totals[:, rows] += _candidate_errors(
+                fmt, chunk, scales[:, rows], None if offsets_or_none is None else offsets[:, rows], weights,
+                error[: chunk.shape[0], : chunk.shape[1]], product[: chunk.shape[0], : chunk.shape[1]])
+        chosen = np.argmin(totals, axis=0)  # the first of equals
+    code_min, code_max = fmt.code_range
+    for rows, within in passes:
+        chunk = blocks[rows, within]
+        out = error[: chunk.shape[0], : chunk.shape[1]]
         best = chosen[rows][None]
-        np.divide(chunk, np.take_along_axis(scales[:, rows], best, axis=0)[0], out=error)
-        np.rint(error, out=error)
-        error += np.take_along_axis(offsets[:, rows], best, axis=0)[0]
-        np.clip(error, code_min, code_max, out=error)
-        codes[rows] = error
+        np.divide(chunk, np.take_along_axis(scales[:, rows], best, axis=0)[0], out=out)
+        np.rint(out, out=out)
+        out += np.take_along_axis(offsets[:, rows], best, axis=0)[0]
+        np.clip(out, code_min, code_max, out=out)
+        codes[rows, within] = out
     return chosen, codes
 
 
-def _least_error(
+def _candidate_errors(
     fmt: LinearFormat, chunk: np.ndarray, scales: np.ndarray, offsets: np.ndarray | None, weights: np.ndarray,
     error: np.ndarray, product: np.ndarray,
 ) -> np.ndarray:
-    """Per block of ``chunk``, the index of the candidate with the least weighted squared error,
-    the first of equals; ``error`` and ``product`` are buffers of the chunk's shape."""
-    best_error, best = None, None
+    """Each candidate's weighted squared error per block of ``chunk`` (summed over the block's
+    rows and columns in ``chunk``), ``[candidates, ...]``; ``error`` and ``product`` are
+    buffers of the chunk's shape."""
+    errors = []
     for index, scale in enumerate(scales):
         _dequantized_levels(chunk, scale, None if offsets is None else offsets[index], *fmt.code_range, out=error)
         np.subtract(chunk, error, out=error)
         np.multiply(weights, error, out=product)
         product *= error
-        candidate = np.sum(product, axis=(1, 3), keepdims=True)
-        if best_error is None:
-            best_error, best = candidate, np.zeros(candidate.shape, dtype=np.intp)
-            continue
-        better = candidate < best_error
-        best_error = np.where(better, candidate, best_error)
-        best[better] = index
-    return best
+        errors.append(np.sum(product, axis=(1, 3), keepdims=True))
+    return np.stack(errors)
 
 
 def _dequantized_levels(

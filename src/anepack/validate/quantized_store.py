@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import shutil
 import tempfile
 import weakref
@@ -111,7 +112,11 @@ class QuantizedStore:
         self._layouts[bank], self._counts[bank] = layout, count
 
     def expert(self, bank: str, index: int) -> QuantizedTensor:
-        """Expert ``index`` of ``bank`` as a one-expert bank ``[1, Cout, Cin]``."""
+        """Expert ``index`` of ``bank`` as a one-expert bank ``[1, Cout, Cin]``. A bank ``put``
+        whole (one scale or LUT for all experts) gives its slice of each per-expert array and
+        the shared arrays (leading axis 1) whole."""
+        if bank in self._matrices:
+            return self._expert_of_whole(bank, index)
         if not 0 <= index < self._counts[bank]:
             raise IndexError(f"expert {index} out of range for {bank!r} with {self._counts[bank]} experts")
         layout = self._layouts[bank]
@@ -122,8 +127,36 @@ class QuantizedStore:
         }
         return dataclasses.replace(layout, **arrays)
 
+    def _expert_of_whole(self, bank: str, index: int) -> QuantizedTensor:
+        template, shapes = self._matrices[bank]
+        experts = max(shape[0] for _, shape in shapes.values())
+        if not 0 <= index < experts:
+            raise IndexError(f"expert {index} out of range for {bank!r} with {experts} experts")
+        arrays = {}
+        for field, (dtype, shape) in shapes.items():
+            one = (1, *shape[1:])
+            size = math.prod(one)
+            start = 0 if shape[0] == 1 else index * size * np.dtype(dtype).itemsize
+            arrays[field] = np.fromfile(self._path(bank, field), dtype=dtype, count=size, offset=start).reshape(one)
+        return dataclasses.replace(template, **arrays)
+
+    def shapes_only(self, name: str) -> QuantizedTensor:
+        """Tensor or bank ``name`` with arrays of the stored shapes that hold no memory (for its
+        shape and bits per weight)."""
+        if name in self._matrices:
+            template, shapes = self._matrices[name]
+            sized = {field: (dtype, shape) for field, (dtype, shape) in shapes.items()}
+        else:
+            template, count = self._layouts[name], self._counts[name]
+            sized = {field: (array.dtype, (count, *array.shape[1:])) for field, array in _array_fields(template).items()}
+        return dataclasses.replace(template, **{
+            field: np.broadcast_to(np.zeros((), dtype), shape) for field, (dtype, shape) in sized.items()
+        })
+
     def bank(self, bank: str) -> QuantizedTensor:
         """The whole bank ``[E, Cout, Cin]`` in memory (every expert's arrays stacked)."""
+        if bank in self._matrices:
+            return self.get(bank)
         layout, count = self._layouts[bank], self._counts[bank]
         arrays = {
             field: np.fromfile(self._path(bank, field), dtype=array.dtype).reshape((count, *array.shape[1:]))

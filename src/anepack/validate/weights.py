@@ -8,7 +8,8 @@ is never quantized: it chooses the experts, and a coarsely rounded router sends 
 experts, so it stays float16 whatever the recipe's patterns match.
 
 Given a ``QuantizedStore``, banks quantized expert by expert are written to it as they are made
-and read back one expert at a time, and matrices are written whole and read back whole,
+and read back one expert at a time (a bank with one scale or LUT is quantized whole, stored, and
+read back by experts too), and matrices are written whole and read back whole,
 instead of cached in memory: a model's quantized weights are made once for the gate, the build
 and the checks, and memory holds one expert and the matrices in use. Dequantized (float32)
 matrices are kept in a cache bounded in bytes (``reference.weight_cache``).
@@ -237,14 +238,17 @@ class RecipeWeights:
         return quantize(self.gguf.expert(name, index), fmt, None if rows is None else rows[index])
 
     def _stored(self, name: str) -> bool:
-        """True when bank ``name`` lives in the store; quantizes it into the store on first use."""
+        """True when bank ``name`` lives in the store; quantizes it into the store on first use:
+        expert by expert as they are made, or, for one scale or LUT over the bank, whole (the
+        float32 bank in memory once) and then stored."""
         if self.store is None or not self.is_bank(name) or name not in self.quantizable:
             return False
-        fmt = self.recipe.format_for(name)
-        if self.whole_banks and one_scale_per_tensor(fmt):
-            return False  # one scale over the bank: quantized whole, in memory
         if name not in self.store:
-            self.store.write(name, self._quantized_experts(name, fmt))
+            fmt = self.recipe.format_for(name)
+            if self.whole_banks and one_scale_per_tensor(fmt):
+                self.store.put(name, self._quantize_bank(name, fmt))
+            else:
+                self.store.write(name, self._quantized_experts(name, fmt))
         return True
 
     def quantized_matrix(self, name: str, rows: tuple[int, int] | None = None) -> QuantizedTensor:
@@ -303,9 +307,9 @@ class RecipeWeights:
         return dequantized_expert(expert_of(compressed, index))
 
     def bits_per_weight(self, name: str) -> float:
-        """Stored bits per weight of ``name`` (a stored bank's from one expert: all are stored alike)."""
+        """Stored bits per weight of ``name`` (a stored bank's from its stored shapes, not read)."""
         if self._stored(name):
-            return self.store.expert(name, 0).bits_per_weight
+            return self.store.shapes_only(name).bits_per_weight
         return self.compressed(name).bits_per_weight
 
     def restricted(self, names: set[str]) -> WeightSource:
