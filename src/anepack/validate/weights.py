@@ -149,7 +149,7 @@ class ExactWeights(SourceWeights):
 
 
 class RecipeWeights:
-    """The model's weights with the recipe's formats applied, each quantized once and cached.
+    """The model's weights with the recipe's formats applied, each quantized once: kept in memory, or in the store.
 
     Matrices are served dequantized (``weights(name)``); expert banks one expert at a time
     (``weights.expert(name, index)``), dequantized from the cached compressed bank on each
