@@ -171,3 +171,30 @@ def test_a_bank_with_one_scale_is_stored_whole_and_read_by_experts(gguf, tmp_pat
     np.testing.assert_array_equal(stored.compressed(bank).data, whole.data)
     with pytest.raises(IndexError):
         stored.quantized_expert(bank, gguf.info(bank).shape[0])
+
+
+@pytest.mark.parametrize("spec", ["int8-tensor", "uint8-tensor", "int4-tensor"])
+def test_a_bank_with_one_linear_scale_is_quantized_by_passes_over_its_rows(gguf, spec, monkeypatch):
+    """Reading the bank a part at a time (the float32 bank never held) gives the tensor that
+    ``quantize`` gives on the whole bank; the parts are small enough here that there are many."""
+    from anepack.quant import linear, quantize_bank_streamed
+
+    bank = "blk.2.ffn_gate_up_exps.weight"
+    shape = gguf.info(bank).shape
+    importance = np.random.default_rng(3).gamma(1.0, 1.0, shape[-1]).astype(np.float32)
+    whole = quantize(gguf.tensor(bank), spec, importance, whole_bank=True)
+    reads = []
+
+    def read_rows(start, stop):
+        reads.append((start, stop))
+        return gguf.rows(bank, start, stop)
+
+    monkeypatch.setattr(linear, "ROW_CHUNK_ELEMENTS", 1 << 16)  # parts of a few hundred rows
+    streamed = quantize_bank_streamed(read_rows, shape, spec, importance)
+    assert max(stop - start for start, stop in reads) < shape[0] * shape[1] // 8  # never the whole bank
+    np.testing.assert_array_equal(streamed.data, whole.data)
+    np.testing.assert_array_equal(streamed.scale, whole.scale)
+    assert (streamed.offset is None) == (whole.offset is None)
+    if whole.offset is not None:
+        np.testing.assert_array_equal(streamed.offset, whole.offset)
+    assert quantize_bank_streamed(read_rows, shape, "lut4-tensor") is None  # a LUT needs the whole bank

@@ -13,6 +13,7 @@ expert by expert (each its own scales/LUTs) unless ``whole_bank=True`` treats it
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,7 +29,7 @@ from anepack.quant.formats import (
     formats,
     parse_format,
 )
-from anepack.quant.linear import LinearTensor, blockwise_shift_scale, quantize_linear
+from anepack.quant.linear import LinearTensor, blockwise_shift_scale, quantize_linear, quantize_linear_streamed
 from anepack.quant.lut import PalettizedTensor, lut_to_dense, quantize_lut, quantize_vector_lut
 from anepack.quant.packing import QuantizedTensor, pack_bits, unpack_bits
 
@@ -107,6 +108,23 @@ def quantize(
     ])
 
 
+def quantize_bank_streamed(
+    read_rows: Callable[[int, int], np.ndarray], shape: tuple[int, int, int], fmt: "str | Format",
+    importance: np.ndarray | None = None,
+) -> QuantizedTensor | None:
+    """``quantize(bank, fmt, importance, whole_bank=True)`` for a bank ``[E, Cout, Cin]`` read by
+    ``read_rows(start, stop)`` as rows of ``[E * Cout, Cin]`` instead of held in float32, when
+    ``fmt`` is a linear format with one scale (int8-tensor: the brief's failure); None for any
+    other format, which needs the whole bank. The same tensor as ``quantize`` gives."""
+    fmt = parse_format(fmt)
+    if not isinstance(fmt, LinearFormat) or fmt.per_channel or fmt.block_size:
+        return None
+    experts, rows, cols = shape
+    importance = _checked_importance(importance, shape)
+    shared = None if importance is None else importance.mean(axis=0)
+    return quantize_linear_streamed(read_rows, experts * rows, cols, fmt, shared).split_leading(experts)
+
+
 def _checked_row_importance(row_importance, shape):
     row_importance = np.asarray(row_importance, dtype=np.float32)
     if len(shape) != 2 or row_importance.shape != (shape[0],):
@@ -152,5 +170,6 @@ __all__ = [
     "pack_bits",
     "parse_format",
     "quantize",
+    "quantize_bank_streamed",
     "unpack_bits",
 ]

@@ -8,6 +8,7 @@ rounded against the stored float16 scale, so dequantization reproduces the neare
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -207,13 +208,19 @@ def _search_levels(
     slices of its rows, its candidates' errors summed over the slices: the buffers stay
     chunk-sized instead of two float32 copies of the tensor (4 GB for a 26B-A4B gate/up bank).
     """
-    grid_rows, block_rows, grid_cols, block_cols = blocks.shape
-    scales = scales.astype(np.float32)
-    # A zero offset (signed symmetric formats) adds and removes nothing: those passes are skipped.
-    offsets_or_none = offsets if np.any(offsets) else None
+    grid_rows, _, grid_cols, _ = blocks.shape
     chosen = np.zeros((grid_rows, 1, grid_cols, 1), dtype=np.intp)
-    codes = np.empty(blocks.shape, dtype=np.int8 if fmt.signed else np.uint8)
-    weights = None if importance is None else np.asarray(importance, np.float32).reshape(1, 1, grid_cols, block_cols)
+    if importance is not None:
+        totals = np.zeros((len(scales), *chosen.shape), dtype=np.float64)
+        _add_candidate_errors(fmt, blocks, scales, offsets, importance, totals)
+        chosen = np.argmin(totals, axis=0)  # the first of equals
+    return chosen, _codes(fmt, blocks, scales, offsets, chosen)
+
+
+def _passes(shape: tuple[int, ...]) -> tuple[list[tuple[slice, slice]], tuple[int, ...]]:
+    """Cache-sized pieces of blocks ``[grid_rows, block_rows, grid_cols, block_cols]`` (whole
+    blocks, or row slices of one block larger than a chunk), and the buffer shape they need."""
+    grid_rows, block_rows, grid_cols, block_cols = shape
     row_elements = grid_cols * block_cols
     slice_rows = max(1, CACHE_CHUNK_ELEMENTS // row_elements)  # rows of one block per pass
     if block_rows <= slice_rows:
@@ -223,27 +230,47 @@ def _search_levels(
         step = 1
         passes = [(slice(g, g + 1), slice(r, r + slice_rows)) for g in range(grid_rows)
                   for r in range(0, block_rows, slice_rows)]
-    buffer_shape = (min(step, grid_rows), min(block_rows, slice_rows), grid_cols, block_cols)
+    return passes, (min(step, grid_rows), min(block_rows, slice_rows), grid_cols, block_cols)
+
+
+def _add_candidate_errors(
+    fmt: LinearFormat, blocks: np.ndarray, scales: np.ndarray, offsets: np.ndarray, importance: np.ndarray,
+    totals: np.ndarray,
+) -> None:
+    """Add each candidate's weighted squared error per block into ``totals`` (float64
+    ``[candidates, grid_rows, 1, grid_cols, 1]``), cache-sized piece by piece, in order."""
+    grid_rows, _, grid_cols, block_cols = blocks.shape
+    scales = scales.astype(np.float32)
+    # A zero offset (signed symmetric formats) adds and removes nothing: those passes are skipped.
+    shifted = bool(np.any(offsets))
+    weights = np.asarray(importance, np.float32).reshape(1, 1, grid_cols, block_cols)
+    passes, buffer_shape = _passes(blocks.shape)
     error, product = np.empty(buffer_shape, np.float32), np.empty(buffer_shape, np.float32)
-    if weights is not None:
-        totals = np.zeros((len(scales), grid_rows, 1, grid_cols, 1), dtype=np.float64)
-        for rows, within in passes:
-            chunk = blocks[rows, within]
-            totals[:, rows] += _candidate_errors(
-                fmt, chunk, scales[:, rows], None if offsets_or_none is None else offsets[:, rows], weights,
-                error[: chunk.shape[0], : chunk.shape[1]], product[: chunk.shape[0], : chunk.shape[1]])
-        chosen = np.argmin(totals, axis=0)  # the first of equals
-    code_min, code_max = fmt.code_range
     for rows, within in passes:
         chunk = blocks[rows, within]
-        out = error[: chunk.shape[0], : chunk.shape[1]]
+        totals[:, rows] += _candidate_errors(
+            fmt, chunk, scales[:, rows], offsets[:, rows] if shifted else None, weights,
+            error[: chunk.shape[0], : chunk.shape[1]], product[: chunk.shape[0], : chunk.shape[1]])
+
+
+def _codes(fmt: LinearFormat, blocks: np.ndarray, scales: np.ndarray, offsets: np.ndarray,
+           chosen: np.ndarray) -> np.ndarray:
+    """The codes of ``blocks`` under each block's chosen candidate, piece by piece."""
+    code_min, code_max = fmt.code_range
+    scales = scales.astype(np.float32)
+    codes = np.empty(blocks.shape, dtype=np.int8 if fmt.signed else np.uint8)
+    passes, buffer_shape = _passes(blocks.shape)
+    buffer = np.empty(buffer_shape, np.float32)
+    for rows, within in passes:
+        chunk = blocks[rows, within]
+        out = buffer[: chunk.shape[0], : chunk.shape[1]]
         best = chosen[rows][None]
         np.divide(chunk, np.take_along_axis(scales[:, rows], best, axis=0)[0], out=out)
         np.rint(out, out=out)
         out += np.take_along_axis(offsets[:, rows], best, axis=0)[0]
         np.clip(out, code_min, code_max, out=out)
         codes[rows, within] = out
-    return chosen, codes
+    return codes
 
 
 def _candidate_errors(
@@ -282,8 +309,15 @@ def _quantize_rows(weight: np.ndarray, fmt: LinearFormat, importance: np.ndarray
     block_rows, block_cols = _block_shape(fmt, rows, cols)
     grid = (rows // block_rows, block_rows, cols // block_cols, block_cols)
     blocks = weight.reshape(grid)
-    low = blocks.min(axis=(1, 3), keepdims=True)
-    high = blocks.max(axis=(1, 3), keepdims=True)
+    scales, offsets = _candidates(fmt, blocks.min(axis=(1, 3), keepdims=True),
+                                  blocks.max(axis=(1, 3), keepdims=True), importance)
+    chosen, codes = _search_levels(fmt, blocks, scales, offsets, importance)
+    return _linear_tensor(fmt, codes.reshape(rows, cols), scales, offsets, chosen, (grid[0], grid[2]))
+
+
+def _candidates(fmt: LinearFormat, low: np.ndarray, high: np.ndarray,
+                importance: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Candidate scales and offsets ``[candidates, ...]`` for blocks spanning ``[low, high]``."""
     if fmt.affine:
         low, high = np.minimum(low, 0.0), np.maximum(high, 0.0)
     else:
@@ -291,19 +325,54 @@ def _quantize_rows(weight: np.ndarray, fmt: LinearFormat, importance: np.ndarray
         low = -high
     factors = (1.0,) if importance is None else SHRINK_FACTORS
     candidates = [_scale_and_offset(fmt, low * factor, high * factor) for factor in factors]
-    scales = np.stack([scale for scale, _ in candidates])
-    offsets = np.stack([offset for _, offset in candidates])
-    chosen, codes = _search_levels(fmt, blocks, scales, offsets, importance)
+    return np.stack([scale for scale, _ in candidates]), np.stack([offset for _, offset in candidates])
+
+
+def _linear_tensor(fmt: LinearFormat, codes: np.ndarray, scales: np.ndarray, offsets: np.ndarray,
+                   chosen: np.ndarray, scale_shape: tuple[int, int]) -> LinearTensor:
     scale = np.take_along_axis(scales, chosen[None], axis=0)[0]
     offset = np.take_along_axis(offsets, chosen[None], axis=0)[0]
-    code_dtype = codes.dtype
-    scale_shape = (grid[0], grid[2])
     stored_offset = None
     if fmt.affine or not fmt.signed:
-        stored_offset = offset.reshape(scale_shape).astype(code_dtype)
-    return LinearTensor(
-        format=fmt,
-        data=codes.reshape(rows, cols),
-        scale=scale.reshape(scale_shape),
-        offset=stored_offset,
-    )
+        stored_offset = offset.reshape(scale_shape).astype(codes.dtype)
+    return LinearTensor(format=fmt, data=codes, scale=scale.reshape(scale_shape), offset=stored_offset)
+
+
+def quantize_linear_streamed(
+    read_rows: Callable[[int, int], np.ndarray], rows: int, cols: int, fmt: LinearFormat,
+    importance: np.ndarray | None = None,
+) -> LinearTensor:
+    """``quantize_linear`` of a ``[rows, cols]`` matrix in a format with one scale over it,
+    the matrix read by ``read_rows(start, stop)`` in parts instead of held: an expert bank seen
+    as ``[E * Cout, Cin]``, 2 GB in float32 for 26B-A4B's gate/up. One pass finds the range,
+    one sums the candidates' errors, one makes the codes; memory holds the codes and one part.
+    The same result as ``quantize_linear`` on the whole matrix (the same sums in the same order)."""
+    if fmt.per_channel or fmt.block_size:
+        raise ValueError(f"{fmt.spec} has more than one scale: quantize it with quantize_linear")
+    slice_rows = max(1, CACHE_CHUNK_ELEMENTS // cols)
+    part_rows = max(1, ROW_CHUNK_ELEMENTS // cols // slice_rows) * slice_rows  # whole slices per part
+    bounds = [(start, min(start + part_rows, rows)) for start in range(0, rows, part_rows)]
+
+    def part(start: int, stop: int) -> np.ndarray:
+        values = np.asarray(read_rows(start, stop), dtype=np.float32)
+        if values.shape != (stop - start, cols):
+            raise ValueError(f"read_rows({start}, {stop}) gave {values.shape}, not {(stop - start, cols)}")
+        return values.reshape(1, stop - start, 1, cols)
+
+    low, high = np.full((1, 1, 1, 1), np.inf, np.float32), np.full((1, 1, 1, 1), -np.inf, np.float32)
+    for start, stop in bounds:
+        values = part(start, stop)
+        if not np.isfinite(values).all():
+            raise AnepackError(None, "weight contains NaN or infinity")
+        low, high = np.minimum(low, values.min()), np.maximum(high, values.max())
+    scales, offsets = _candidates(fmt, low, high, importance)
+    chosen = np.zeros((1, 1, 1, 1), dtype=np.intp)
+    if importance is not None:
+        totals = np.zeros((len(scales), 1, 1, 1, 1), dtype=np.float64)
+        for start, stop in bounds:
+            _add_candidate_errors(fmt, part(start, stop), scales, offsets, importance, totals)
+        chosen = np.argmin(totals, axis=0)
+    codes = np.empty((rows, cols), dtype=np.int8 if fmt.signed else np.uint8)
+    for start, stop in bounds:
+        codes[start:stop] = _codes(fmt, part(start, stop), scales, offsets, chosen).reshape(stop - start, cols)
+    return _linear_tensor(fmt, codes, scales, offsets, chosen, (1, 1))

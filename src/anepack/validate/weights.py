@@ -32,7 +32,7 @@ import numpy as np
 
 from anepack.quant import (
     Format, LinearFormat, LinearTensor, LutFormat, PalettizedTensor, QuantizedTensor, VectorLutFormat,
-    blockwise_shift_scale, quantize,
+    blockwise_shift_scale, quantize, quantize_bank_streamed,
 )
 from anepack.quant.packing import weight_rows
 from anepack.reference.model import STREAMED_WEIGHTS
@@ -212,7 +212,10 @@ class RecipeWeights:
     def _quantize_bank(self, name: str, fmt: Format) -> QuantizedTensor:
         if self.whole_banks and one_scale_per_tensor(fmt):
             pooled = None if self.importance is None else self.importance.pooled(name)
-            return quantize(self.gguf.tensor(name), fmt, pooled, whole_bank=True)
+            # A linear scale is found by passes over the bank's rows; a LUT needs the bank whole.
+            streamed = quantize_bank_streamed(
+                lambda start, stop: self.gguf.rows(name, start, stop), self.gguf.info(name).shape, fmt, pooled)
+            return streamed or quantize(self.gguf.tensor(name), fmt, pooled, whole_bank=True)
         # A few float32 experts at a time: a real bank is gigabytes as float32.
         return QuantizedTensor.stack(list(self._quantized_experts(name, fmt)))
 
