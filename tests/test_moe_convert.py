@@ -151,24 +151,26 @@ def test_a_store_that_cannot_be_written_fails_in_one_line(gguf, tmp_path):
         assert str(store.directory) in str(error.value) and "\n" not in str(error.value)
 
 
-def test_a_bank_with_one_scale_is_stored_whole_and_read_by_experts(gguf, tmp_path):
-    """int8-tensor over a whole bank (the brief's failure): quantized once from the whole bank,
-    kept on disk, not in memory; each expert read back equals its slice of the in-memory bank,
-    with the bank's one scale, and the bits count that one scale once."""
+@pytest.mark.parametrize("spec", ["int8-tensor", "lut4-tensor"])
+def test_a_bank_with_one_scale_is_stored_whole_and_read_by_experts(gguf, tmp_path, spec):
+    """One scale or LUT over a whole bank (the brief's failure): quantized once, kept on disk,
+    not in memory; each expert read back equals its slice of the in-memory bank, with the
+    bank's one scale or LUT, and the bits count it once."""
     bank = "blk.1.ffn_gate_up_exps.weight"
-    recipe = parse_recipe('name = "t"\n[[rule]]\ntensors = "*_exps.weight"\nformat = "int8-tensor"\n')
-    in_memory = RecipeWeights(gguf, recipe)
-    whole = in_memory.compressed(bank)
-    assert whole.scale.shape[0] == 1  # one scale over the bank
+    recipe = parse_recipe(f'name = "t"\n[[rule]]\ntensors = "*_exps.weight"\nformat = "{spec}"\n')
+    whole = RecipeWeights(gguf, recipe).compressed(bank)
+    codes, shared = ("data", "scale") if spec.startswith("int") else ("indices", "lut")
+    assert getattr(whole, shared).shape[0] == 1  # one scale or LUT over the bank
     stored = RecipeWeights(gguf, recipe, store=QuantizedStore(tmp_path))
+    dense = whole.dequantize()
     for index in (0, 7, gguf.info(bank).shape[0] - 1):
         expert = stored.quantized_expert(bank, index)
-        np.testing.assert_array_equal(expert.data, whole.data[index:index + 1])
-        np.testing.assert_array_equal(expert.scale, whole.scale)
-        np.testing.assert_array_equal(stored.expert(bank, index), whole.dequantize()[index].astype(np.float32))
+        np.testing.assert_array_equal(getattr(expert, codes), getattr(whole, codes)[index:index + 1])
+        np.testing.assert_array_equal(getattr(expert, shared), getattr(whole, shared))
+        np.testing.assert_array_equal(stored.expert(bank, index), dense[index].astype(np.float32))
     assert not stored._quantized
     assert stored.bits_per_weight(bank) == whole.bits_per_weight
-    np.testing.assert_array_equal(stored.compressed(bank).data, whole.data)
+    np.testing.assert_array_equal(getattr(stored.compressed(bank), codes), getattr(whole, codes))
     with pytest.raises(IndexError):
         stored.quantized_expert(bank, gguf.info(bank).shape[0])
 
