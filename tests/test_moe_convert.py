@@ -200,3 +200,26 @@ def test_a_bank_with_one_linear_scale_is_quantized_by_passes_over_its_rows(gguf,
     if whole.offset is not None:
         np.testing.assert_array_equal(streamed.offset, whole.offset)
     assert quantize_bank_streamed(read_rows, shape, "lut4-tensor") is None  # a LUT needs the whole bank
+
+
+@pytest.mark.parametrize("spec", ["lut4-g16", "int4-channel", "uint4-block32", "lut3-g16", "int8-channel"])
+def test_four_bit_codes_are_stored_two_per_byte_and_read_back_unchanged(gguf, tmp_path, spec):
+    """4-bit codes (LUT indices, signed and unsigned int4 data and offsets) take half a byte
+    each on disk; every expert and the whole bank read back equal what was written."""
+    bank = "blk.0.ffn_down_exps.weight"
+    experts = [quantize(gguf.expert(bank, e), spec) for e in range(gguf.info(bank).shape[0])]
+    store = QuantizedStore(tmp_path)
+    store.write(bank, experts)
+    written = QuantizedTensor.stack(experts)
+    for field, (array, bits) in written.storage_bits().items():
+        size = (store.directory / f"{bank}.{field}").stat().st_size
+        assert size == (array.nbytes // 2 if bits == 4 else array.nbytes), (field, bits)
+    for index in (0, 5, len(experts) - 1):
+        read = store.expert(bank, index)
+        for field, (array, _) in written.storage_bits().items():
+            np.testing.assert_array_equal(getattr(read, field), array[index:index + 1])
+            assert getattr(read, field).dtype == array.dtype
+    whole = store.bank(bank)
+    for field, (array, _) in written.storage_bits().items():
+        np.testing.assert_array_equal(getattr(whole, field), array)
+    np.testing.assert_array_equal(whole.dequantize(), written.dequantize())

@@ -5,7 +5,8 @@ quantizer's arrays (one byte per code), 23 GB for 30 layers. Quantizing them (k-
 group) is the slowest step of a conversion, and the gate, the build and the checks through the
 shards all need them. ``QuantizedStore`` writes every stored array of a bank as one raw file
 ``[E, ...]``, one expert at a time as the quantizer makes them, and reads one expert back with a
-single positioned read (no memory map: nothing stays resident after a read). The trunk's
+single positioned read (no memory map: nothing stays resident after a read); 4-bit codes are
+stored two per byte (380 MB per 26B-A4B layer at 4 bits). The trunk's
 matrices (53 MB per 26B-A4B layer in int8, 1.6 GB over 30 layers) are kept the same way, whole:
 the gate quantizes them and the build reads them back instead of quantizing them again. The
 directory is temporary and removed with the store.
@@ -38,6 +39,28 @@ def _array_fields(tensor: QuantizedTensor) -> dict[str, np.ndarray]:
 STORE_PREFIX = ".quantized-"
 
 
+def _nibble_fields(tensor: QuantizedTensor) -> frozenset[str]:
+    """Fields of 4-bit codes held one per byte (LUT indices, int4 data and offsets), an even
+    number of them: stored two per byte, which halves a 4-bit bank's store."""
+    return frozenset(field for field, (array, bits) in tensor.storage_bits().items()
+                     if bits == 4 and array.dtype.itemsize == 1 and array.size % 2 == 0)
+
+
+def _packed_nibbles(array: np.ndarray) -> bytes:
+    codes = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+    return ((codes[0::2] & 0x0F) | (codes[1::2] << 4)).tobytes()
+
+
+def _unpacked_nibbles(packed: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    codes = np.empty(2 * packed.size, np.uint8)
+    codes[0::2] = packed & 0x0F
+    codes[1::2] = packed >> 4
+    if np.dtype(dtype) == np.int8:  # two's complement nibbles: 8..15 are -8..-1
+        codes = codes.view(np.int8)
+        codes[codes > 7] -= 16
+    return codes.view(dtype)
+
+
 def remove_stale_stores(parent: str | Path) -> list[Path]:
     """Delete store directories a killed run left under ``parent`` (a store is removed when its
     run ends, but not after SIGKILL or a power cut: a 26B-A4B model's is tens of gigabytes).
@@ -56,6 +79,7 @@ class QuantizedStore:
         # Per bank: expert 0 as a one-expert bank ``[1, Cout, Cin]``, the layout of every record.
         self._layouts: dict[str, QuantizedTensor] = {}
         self._counts: dict[str, int] = {}
+        self._nibbles: dict[str, frozenset[str]] = {}  # per bank, its fields stored two codes per byte
         # Per matrix: the tensor without its arrays, and each array's dtype and shape.
         self._matrices: dict[str, tuple[QuantizedTensor, dict[str, tuple[np.dtype, tuple[int, ...]]]]] = {}
         self._cleanup = weakref.finalize(self, shutil.rmtree, self.directory, True)
@@ -101,15 +125,17 @@ class QuantizedStore:
                 one = QuantizedTensor.stack([expert])
                 with self._writing():
                     if layout is None:
-                        layout = one
+                        layout, nibbles = one, _nibble_fields(one)
                         files = {field: open(self._path(bank, field), "wb") for field in _array_fields(one)}
                     for field, array in _array_fields(one).items():
-                        files[field].write(np.ascontiguousarray(array).tobytes())
+                        files[field].write(_packed_nibbles(array) if field in nibbles
+                                           else np.ascontiguousarray(array).tobytes())
                 count += 1
         finally:
             for handle in files.values():
                 handle.close()
         self._layouts[bank], self._counts[bank] = layout, count
+        self._nibbles[bank] = frozenset() if layout is None else nibbles
 
     def expert(self, bank: str, index: int) -> QuantizedTensor:
         """Expert ``index`` of ``bank`` as a one-expert bank ``[1, Cout, Cin]``. A bank ``put``
@@ -120,12 +146,17 @@ class QuantizedStore:
         if not 0 <= index < self._counts[bank]:
             raise IndexError(f"expert {index} out of range for {bank!r} with {self._counts[bank]} experts")
         layout = self._layouts[bank]
-        arrays = {
-            field: np.fromfile(self._path(bank, field), dtype=array.dtype, count=array.size,
-                               offset=index * array.nbytes).reshape(array.shape)
-            for field, array in _array_fields(layout).items()
-        }
+        arrays = {field: self._read(bank, field, array.dtype, array.size, index).reshape(array.shape)
+                  for field, array in _array_fields(layout).items()}
         return dataclasses.replace(layout, **arrays)
+
+    def _read(self, bank: str, field: str, dtype: np.dtype, size: int, index: int = 0, count: int = 1) -> np.ndarray:
+        """``count`` experts' worth (``size`` values each) of a written bank's field, from expert ``index``."""
+        if field not in self._nibbles[bank]:
+            return np.fromfile(self._path(bank, field), dtype=dtype, count=count * size,
+                               offset=index * size * np.dtype(dtype).itemsize)
+        packed = np.fromfile(self._path(bank, field), dtype=np.uint8, count=count * size // 2, offset=index * size // 2)
+        return _unpacked_nibbles(packed, dtype)
 
     def _expert_of_whole(self, bank: str, index: int) -> QuantizedTensor:
         template, shapes = self._matrices[bank]
@@ -158,10 +189,8 @@ class QuantizedStore:
         if bank in self._matrices:
             return self.get(bank)
         layout, count = self._layouts[bank], self._counts[bank]
-        arrays = {
-            field: np.fromfile(self._path(bank, field), dtype=array.dtype).reshape((count, *array.shape[1:]))
-            for field, array in _array_fields(layout).items()
-        }
+        arrays = {field: self._read(bank, field, array.dtype, array.size, count=count).reshape((count, *array.shape[1:]))
+                  for field, array in _array_fields(layout).items()}
         return dataclasses.replace(layout, **arrays)
 
     def close(self) -> None:
