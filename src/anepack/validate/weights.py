@@ -184,7 +184,7 @@ class RecipeWeights:
         if name not in self.quantizable:
             return None
         if self._stored(name):
-            return self.store.bank(name)  # whole, not kept: a stored bank is read by experts
+            return self.store.get(name)  # whole, not kept: a stored bank is read by experts
         if self.store is not None and not self.is_bank(name):
             return self._stored_matrix(name)
         cached = self._quantized.get(name)
@@ -242,8 +242,8 @@ class RecipeWeights:
 
     def _stored(self, name: str) -> bool:
         """True when bank ``name`` lives in the store; quantizes it into the store on first use:
-        expert by expert as they are made, or, for one scale or LUT over the bank, whole (the
-        float32 bank in memory once) and then stored."""
+        expert by expert as they are made, or, for one scale or LUT over the bank, whole
+        (``_quantize_bank``) and then stored."""
         if self.store is None or not self.is_bank(name) or name not in self.quantizable:
             return False
         if name not in self.store:
