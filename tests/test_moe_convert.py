@@ -10,7 +10,6 @@ import json
 import numpy as np
 import pytest
 
-from anepack import synth
 from anepack.convert import MIN_ARTIFACT_COSINE, ConvertOptions, convert
 from anepack.golden import load_prompts
 from anepack.quant import QuantizedTensor, parse_format, quantize
@@ -35,10 +34,8 @@ PROMPTS = ("prose", "code", "list")
 
 
 @pytest.fixture(scope="module")
-def gguf(tmp_path_factory):
-    dims, _ = synth.preset("gemma4", "moe")
-    path = synth.write_synthetic_gguf(tmp_path_factory.mktemp("moe-convert") / "moe.gguf", "gemma4", seed=1, **dims)
-    with open_gguf(path) as opened:
+def gguf(synthetic_moe_path):
+    with open_gguf(synthetic_moe_path) as opened:
         yield opened
 
 
@@ -219,7 +216,7 @@ def test_four_bit_codes_are_stored_two_per_byte_and_read_back_unchanged(gguf, tm
         for field, (array, _) in written.storage_bits().items():
             np.testing.assert_array_equal(getattr(read, field), array[index:index + 1])
             assert getattr(read, field).dtype == array.dtype
-    whole = store.bank(bank)
+    whole = store.get(bank)
     for field, (array, _) in written.storage_bits().items():
         np.testing.assert_array_equal(getattr(whole, field), array)
     np.testing.assert_array_equal(whole.dequantize(), written.dequantize())

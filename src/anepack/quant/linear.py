@@ -265,10 +265,8 @@ def _codes(fmt: LinearFormat, blocks: np.ndarray, scales: np.ndarray, offsets: n
         chunk = blocks[rows, within]
         out = buffer[: chunk.shape[0], : chunk.shape[1]]
         best = chosen[rows][None]
-        np.divide(chunk, np.take_along_axis(scales[:, rows], best, axis=0)[0], out=out)
-        np.rint(out, out=out)
-        out += np.take_along_axis(offsets[:, rows], best, axis=0)[0]
-        np.clip(out, code_min, code_max, out=out)
+        scale = np.take_along_axis(scales[:, rows], best, axis=0)[0]
+        _round_to_codes(chunk, scale, np.take_along_axis(offsets[:, rows], best, axis=0)[0], code_min, code_max, out)
         codes[rows, within] = out
     return codes
 
@@ -294,14 +292,21 @@ def _dequantized_levels(
     chunk: np.ndarray, scale: np.ndarray, offset: np.ndarray | None, code_min: int, code_max: int, out: np.ndarray
 ) -> None:
     """Into ``out``, the values ``chunk`` dequantizes to: nearest code, clipped to the range."""
+    _round_to_codes(chunk, scale, offset, code_min, code_max, out)
+    if offset is not None:
+        out -= offset
+    out *= scale
+
+
+def _round_to_codes(
+    chunk: np.ndarray, scale: np.ndarray, offset: np.ndarray | None, code_min: int, code_max: int, out: np.ndarray
+) -> None:
+    """Into ``out``, each value's nearest code under ``scale`` and ``offset``, clipped to the range."""
     np.divide(chunk, scale, out=out)
     np.rint(out, out=out)
     if offset is not None:
         out += offset
     np.clip(out, code_min, code_max, out=out)
-    if offset is not None:
-        out -= offset
-    out *= scale
 
 
 def _quantize_rows(weight: np.ndarray, fmt: LinearFormat, importance: np.ndarray | None) -> LinearTensor:
