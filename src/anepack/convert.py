@@ -57,7 +57,7 @@ def convert(
     progress: Progress | None = None,
 ) -> RunRecord:
     """Convert ``gguf`` with ``recipe`` into ``out_dir``; returns the run record (verdict in ``passed``)."""
-    from anepack.coreml.builder import build_shards, choose_alpha, moe_layers
+    from anepack.coreml.builder import build_shards, choose_alpha
     from anepack.coreml.lint import lint_shards
     from anepack.coreml.manifest import read_manifest, write_manifest
     from anepack.report.html import write_report
@@ -108,7 +108,7 @@ def convert(
     checked_started = time.perf_counter()
     # A routed model's reference on the same weights must route as the shards did (a near-tie
     # may go either way in float16), so it runs after the shards and keeps the weights.
-    routed = any(moe_layers(gguf.config))
+    routed = context.routed
     # The references' logits first, then the weights are released before the shards are loaded:
     # peak memory is the larger of the two phases, not their sum.
     step("references: same weights", 0.0)

@@ -248,9 +248,10 @@ def stored_matrix(weights: RecipeWeights, tensor: str, rows: tuple[int, int] | N
     """A matrix (or its output rows ``start:stop``) as a shard stores it, equal to
     ``weights.compressed(tensor)`` (float16 for what a recipe never compresses: the router).
 
-    Quantized from the GGUF and not cached (unless the validators quantized it already), so a
-    build holds the weights of one package at a time; only a format with one scale or LUT per
-    tensor is quantized whole (once, by ``weights``) and then cut.
+    From ``weights``' store when it has one (the gate quantized it there), else quantized from
+    the GGUF and not cached (unless the validators quantized it already), so a build holds the
+    weights of one package at a time; only a format with one scale or LUT per tensor is
+    quantized whole (once, by ``weights``) and then cut.
     """
     fmt = tensor_format(weights, tensor)
     if one_scale_per_tensor(fmt):

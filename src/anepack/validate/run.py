@@ -90,11 +90,15 @@ class ValidationContext:
         context.timings["prepare_s"] = time.perf_counter() - started
         return context
 
+    @property
+    def routed(self) -> bool:
+        """True for an MoE model (only Gemma 4 configs have routers)."""
+        return any(getattr(self.gguf.config, "moe_layers", ()))
+
     def weights(self, recipe: Recipe) -> RecipeWeights:
         """The recipe's weights; an MoE model's quantized weights go to a temporary store on
         disk (its banks are gigabytes per layer), a dense model's are cached in memory."""
-        routed = any(len(info.shape) == 3 for info in self.gguf.tensors.values())
-        return RecipeWeights(self.gguf, recipe, self.importance, store=QuantizedStore() if routed else None)
+        return RecipeWeights(self.gguf, recipe, self.importance, store=QuantizedStore() if self.routed else None)
 
     def record(self, kind: str, recipe: Recipe, thresholds: dict) -> RunRecord:
         record = new_record(kind, self.gguf.path, recipe, {**DEFAULT_THRESHOLDS, **thresholds})
@@ -154,8 +158,7 @@ def golden_run(
     quantized = build(context.gguf.config, weights)
     # A routed model's quantized stack may send tokens to other experts than the exact model:
     # recorded when the exact model runs (no golden file), it says how much of the loss is routing.
-    routed = any(getattr(context.gguf.config, "moe_layers", ()))  # only Gemma 4 configs have routers
-    exact_routing = RecordedRouting() if golden is None and routed else None
+    exact_routing = RecordedRouting() if golden is None and context.routed else None
     if exact_routing is not None:
         quantized.router = RecordedRouting()
     # prompt_logits runs the (streamed) LM head once over every prompt, not once per prompt
