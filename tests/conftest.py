@@ -1,4 +1,5 @@
-"""Session fixtures shared by the test modules: the default model and its F32 copy, made once."""
+"""Session fixtures shared by the test modules: the default model and its F32 copy, and the
+synthetic Gemma 4 MoE model, each made once."""
 
 from __future__ import annotations
 
@@ -20,6 +21,15 @@ def default_model_path() -> Path:
 def default_model_f32_path(default_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The default model with every tensor dequantized to F32: llama.cpp then runs exact weights."""
     return dequantize_gguf(default_model_path, tmp_path_factory.mktemp("default-f32") / "gemma3-270m-f32.gguf", "f32")
+
+
+@pytest.fixture(scope="session")
+def synthetic_moe_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The synthetic Gemma 4 MoE model (preset ``moe``, seed 1)."""
+    from anepack import synth
+
+    dims, _ = synth.preset("gemma4", "moe")
+    return synth.write_synthetic_gguf(tmp_path_factory.mktemp("synthetic-moe") / "moe.gguf", "gemma4", seed=1, **dims)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from anepack import synth
 from anepack.reference import build
 from anepack.reference import weight_cache
 from anepack.reference.weight_cache import WeightCache
@@ -32,10 +31,8 @@ def test_least_recently_used_goes_first_and_the_budget_holds():
 
 
 @pytest.fixture(scope="module")
-def gguf(tmp_path_factory):
-    dims, _ = synth.preset("gemma4", "moe")
-    path = synth.write_synthetic_gguf(tmp_path_factory.mktemp("cache") / "moe.gguf", "gemma4", seed=3, **dims)
-    with open_gguf(path) as opened:
+def gguf(synthetic_moe_path):
+    with open_gguf(synthetic_moe_path) as opened:
         yield opened
 
 
