@@ -122,3 +122,15 @@ def test_top1_bar_is_pooled_over_positions_unless_asked_per_prompt():
     assert not summaries[0]["passed"] and not verdict(summaries, per_prompt)["passed"]
     strict = Thresholds(min_cosine=0.5, min_top1=0.96)
     assert not verdict([c.summary(strict) for c in checks], strict)["passed"]
+
+
+def test_top1_counts_a_tie_in_the_float16_golden_logits_as_agreement():
+    from anepack.metrics import top1_agreement
+
+    # llama.cpp's 9.7207 and 9.7211 (a real case, synthetic E2B seed 11) both store as 9.71875
+    golden = np.array([[1.0, 9.7207, 2.0, 9.7211], [1.0, 9.7207, 2.0, 9.7211]], np.float32).astype(np.float16)
+    assert golden[0, 1] == golden[0, 3]
+    test = np.array([[1.0, 9.7207, 2.0, 9.7211], [1.0, 9.7207, 9.8, 9.7211]], np.float32)
+    assert top1_agreement(golden, test).tolist() == [True, False]
+    # argmax of the golden row names token 1; the test's token 3 ties with it
+    assert np.argmax(golden[0]) == 1 and np.argmax(test[0]) == 3
