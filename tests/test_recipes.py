@@ -54,6 +54,16 @@ def test_bad_recipes_name_file_and_problem(tmp_path):
         load_recipe(path)
     with pytest.raises(AnepackError, match="no such recipe file or built-in recipe"):
         load_recipe(tmp_path / "missing.toml")
+    # misspelt keys would leave every tensor float16 without a word
+    path.write_text('name = "x"\n[[rules]]\ntensors = "*"\nformat = "lut4-g16"\n')
+    with pytest.raises(AnepackError, match=r"bad.toml: the recipe has unknown keys 'rules'"):
+        load_recipe(path)
+    path.write_text('name = "x"\n[[rule]]\ntensors = "*"\nlayer = "0-3"\nformat = "lut4-g16"\n')
+    with pytest.raises(AnepackError, match=r"bad.toml: rule 1 has unknown keys 'layer'"):
+        load_recipe(path)
+    path.write_text('name = "x"\ndescription = "nothing"\n')
+    with pytest.raises(AnepackError, match=r"bad.toml: recipe has no \[\[rule\]\] tables"):
+        load_recipe(path)
 
 
 def test_builtin_recipes_reproduce_the_brief():

@@ -29,6 +29,8 @@ from anepack.quant.formats import Format, parse_format
 from anepack.source.weights import LM_HEAD
 
 _LAYER = re.compile(r"^blk\.(\d+)\.")
+RECIPE_KEYS = ("name", "description", "rule")
+RULE_KEYS = ("tensors", "layers", "format")
 
 
 def tensor_layer(name: str) -> int | None:
@@ -113,13 +115,19 @@ def parse_recipe(text: str, source: str | Path | None = None) -> Recipe:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise AnepackError(source, f"not valid TOML ({err})") from None
+    # A misspelt key would otherwise leave its tensors in float16 without a word.
+    _refuse_unknown_keys(data, RECIPE_KEYS, "the recipe", source)
     name = data.get("name")
     if not isinstance(name, str) or not name:
         raise AnepackError(source, "recipe needs a string 'name'")
+    items = data.get("rule", [])
+    if not isinstance(items, list) or not items:
+        raise AnepackError(source, "recipe has no [[rule]] tables (a rule with format = \"fp16\" keeps tensors float16)")
     rules = []
-    for index, item in enumerate(data.get("rule", []), start=1):
+    for index, item in enumerate(items, start=1):
         if not isinstance(item, dict) or not isinstance(item.get("tensors"), str) or "format" not in item:
             raise AnepackError(source, f"rule {index} needs 'tensors' (a pattern) and 'format'")
+        _refuse_unknown_keys(item, RULE_KEYS, f"rule {index}", source)
         try:
             fmt = parse_format(str(item["format"]))
         except AnepackError as err:
@@ -127,6 +135,12 @@ def parse_recipe(text: str, source: str | Path | None = None) -> Recipe:
         layers = parse_layers(item["layers"], source) if "layers" in item else None
         rules.append(Rule(item["tensors"], fmt, layers))
     return Recipe(name, str(data.get("description", "")), tuple(rules), text)
+
+
+def _refuse_unknown_keys(table: dict, known: tuple[str, ...], where: str, source: str | Path | None) -> None:
+    unknown = sorted(set(table) - set(known))
+    if unknown:
+        raise AnepackError(source, f"{where} has unknown keys {', '.join(map(repr, unknown))} (known: {', '.join(known)})")
 
 
 def builtin_recipe_names() -> list[str]:
