@@ -134,3 +134,14 @@ def test_top1_counts_a_tie_in_the_float16_golden_logits_as_agreement():
     assert top1_agreement(golden, test).tolist() == [True, False]
     # argmax of the golden row names token 1; the test's token 3 ties with it
     assert np.argmax(golden[0]) == 1 and np.argmax(test[0]) == 3
+
+
+def test_rowwise_cosine_in_blocks_matches_the_closed_form(monkeypatch):
+    from anepack import metrics
+
+    monkeypatch.setattr(metrics, "_COSINE_BLOCK_ELEMENTS", 4)  # two rows of two per block
+    a = np.array([[1.0, 0.0], [3.0, 4.0], [1.0, 1.0], [0.0, 0.0], [2.0, 0.0]], np.float32)
+    b = np.array([[1.0, 1.0], [-3.0, -4.0], [2.0, 2.0], [0.0, 0.0], [0.0, 5.0]], np.float32)
+    assert metrics.rowwise_cosine(a, b).tolist() == pytest.approx([2 ** -0.5, -1.0, 1.0, 1.0, 0.0])
+    assert metrics.rowwise_cosine(a.reshape(5, 1, 2), b.reshape(5, 1, 2)).shape == (5, 1)
+    assert float(metrics.rowwise_cosine(a[1], b[1])) == pytest.approx(-1.0)

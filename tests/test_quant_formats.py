@@ -344,3 +344,21 @@ def test_per_tensor_int8_fails_on_a_big_expert_bank_where_finer_granularity_hold
     assert per_tensor < 0.95
     assert per_channel > 0.999
     assert lut4 > 0.99
+
+
+@pytest.mark.parametrize("spec", ["lut4-g16", "lut3-tensor", "lut6-g8-pcs", "vlut2x8", "vlut4x4"])
+def test_blocked_clustering_and_decoding_change_nothing(heavy_tailed, spec, monkeypatch):
+    """Large tensors (an LM head) are clustered and decoded a block of groups / rows at a time;
+    blocks of a few rows here give the same codes and LUTs and stay bit-exact with coremltools."""
+    from anepack.quant import lut as lut_module
+
+    weight, importance = heavy_tailed
+    rows = np.random.default_rng(3).gamma(1.0, 1.0, size=weight.shape[0]).astype(np.float32)
+    row_importance = None if spec.startswith("vlut") else rows
+    whole = quantize(weight, spec, importance, row_importance=row_importance)
+    monkeypatch.setattr(lut_module, "_WEIGHTS_BLOCK_ELEMENTS", 3 * 8 * weight.shape[1])
+    monkeypatch.setattr(lut_module, "_DECODE_BLOCK_ELEMENTS", 5 * weight.shape[1])
+    blocked = quantize(weight, spec, importance, row_importance=row_importance)
+    assert np.array_equal(blocked.indices, whole.indices) and np.array_equal(blocked.lut, whole.lut)
+    assert np.array_equal(blocked.dequantize().view(np.uint16), whole.dequantize().view(np.uint16))
+    assert_bit_exact(blocked)

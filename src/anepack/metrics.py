@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+_COSINE_BLOCK_ELEMENTS = 1 << 22  # float64 elements per block: 32 MB
+
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     """Cosine similarity of two arrays, flattened."""
@@ -21,14 +23,25 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def rowwise_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Cosine similarity of matching rows (last axis), e.g. per position of ``[T, D]``."""
-    a64 = np.asarray(a, dtype=np.float64)
-    b64 = np.asarray(b, dtype=np.float64)
-    dots = np.sum(a64 * b64, axis=-1)
-    norms = np.linalg.norm(a64, axis=-1) * np.linalg.norm(b64, axis=-1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), 1.0)
-    return out
+    """Cosine similarity of matching rows (last axis), e.g. per position of ``[T, D]``.
+
+    Computed in float64 a block of rows at a time: over whole logits (500 positions of a
+    262k vocabulary) the float64 copies and their product would be 3 GB.
+    """
+    a, b = np.asarray(a), np.asarray(b)
+    if a.shape != b.shape:
+        raise ValueError(f"shapes differ: {a.shape} vs {b.shape}")
+    rows_a, rows_b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+    out = np.empty(len(rows_a), dtype=np.float64)
+    step = max(1, _COSINE_BLOCK_ELEMENTS // max(1, a.shape[-1]))
+    for start in range(0, len(rows_a), step):
+        a64 = rows_a[start:start + step].astype(np.float64)
+        b64 = rows_b[start:start + step].astype(np.float64)
+        dots = np.sum(a64 * b64, axis=-1)
+        norms = np.linalg.norm(a64, axis=-1) * np.linalg.norm(b64, axis=-1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[start:start + step] = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), 1.0)
+    return out.reshape(a.shape[:-1])
 
 
 def sqnr_db(reference: np.ndarray, approximation: np.ndarray) -> float:

@@ -30,6 +30,8 @@ LARGE_GROUP_ELEMENTS = 1 << 23
 _VECTOR_SETTLED_FRACTION = 1e-4
 _VECTOR_LLOYD_STEPS = 40
 _VECTOR_CHUNK = 1 << 18
+_DECODE_BLOCK_ELEMENTS = 1 << 22
+_WEIGHTS_BLOCK_ELEMENTS = 1 << 22
 
 
 def lut_to_dense(
@@ -42,6 +44,26 @@ def lut_to_dense(
     rank = indices.ndim
     if lut.ndim != rank + 2:
         raise ValueError(f"lut rank {lut.ndim} must be indices rank {rank} + 2")
+    # Decoded in blocks of whole LUT groups along the first axis: a flat LUT number per element
+    # (int64) over a whole 262k-row head would be 1.3 GB beside a 335 MB result.
+    rows, row_elements = indices.shape[0], max(indices[0].size, 1)
+    rows_per_group = rows // lut.shape[0] if lut.shape[0] > 1 else 1  # one LUT: any rows
+    block = rows_per_group * max(1, _DECODE_BLOCK_ELEMENTS // (rows_per_group * row_elements))
+    if block >= rows:
+        return _lut_block_to_dense(indices, lut, vector_axis)
+    out = None
+    for start in range(0, rows, block):
+        group_slice = slice(start // rows_per_group, (start + block) // rows_per_group) if lut.shape[0] > 1 else slice(None)
+        part = _lut_block_to_dense(indices[start:start + block], lut[group_slice], vector_axis)
+        if out is None:
+            scale = part.shape[0] // block  # a vector LUT along the first axis writes V rows per index row
+            out = np.empty((rows * scale, *part.shape[1:]), dtype=part.dtype)
+        out[start * scale:start * scale + part.shape[0]] = part
+    return out
+
+
+def _lut_block_to_dense(indices: np.ndarray, lut: np.ndarray, vector_axis: int | None) -> np.ndarray:
+    rank = indices.ndim
     groups = lut.shape[:rank]
     entries, vector_size = lut.shape[rank:]
     blocked = [n for count, size in zip(groups, indices.shape) for n in (count, size // count)]
@@ -166,8 +188,20 @@ def quantize_lut(
             for start in range(0, rows, group)
         ])
     else:
-        error_weights = _error_weights(rows, cols, group, row_weights, column_weights)
-        centroids = kmeans_1d_centroids(grouped, fmt.entries, error_weights)
+        # Groups are clustered independently; a block of them at a time keeps the per-element
+        # error weights small (a whole LM head's would be 671 MB).
+        per_block = max(1, _WEIGHTS_BLOCK_ELEMENTS // (group * cols))
+        centroids = np.concatenate([
+            kmeans_1d_centroids(
+                grouped[first:first + per_block], fmt.entries,
+                _error_weights(
+                    len(grouped[first:first + per_block]) * group, cols, group,
+                    None if row_weights is None else row_weights[first * group:(first + per_block) * group],
+                    column_weights,
+                ),
+            )
+            for first in range(0, rows // group, per_block)
+        ])
     lut, lut_scale, decoded = _stored_lut(centroids, fmt.int8_lut)
     indices = nearest_labels(grouped, decoded).reshape(rows, cols)
     lut_shape = (rows // group, 1, fmt.entries, 1)

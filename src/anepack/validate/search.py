@@ -53,6 +53,7 @@ FP16 = parse_format("fp16")
 # After the bisection finds where the cheapest-first order first breaks a target, the breaking
 # move is dropped and the rest bisected again, this many times.
 RETRY_ROUNDS = 3
+LOGIT_BLOCK_POSITIONS = 64
 
 
 @dataclass
@@ -78,7 +79,11 @@ class _Check:
 
 
 class _Quantized:
-    """Dequantized tensors by (name, format), each computed once."""
+    """Dequantized tensors by (name, format), each computed once and kept in float16.
+
+    Core ML's dequantization produces float16 values, so keeping them so loses nothing and
+    halves what the search holds (a rung's candidates, the assigned formats and the head).
+    """
 
     def __init__(self, gguf: GGUFFile, importance: Importance | None):
         self.gguf = gguf
@@ -96,8 +101,10 @@ class _Quantized:
         key = (name, fmt.spec)
         if key not in self.dense:
             quantized = quantize_tensor(self.original(name), fmt, self.importance, name)
-            self.dense[key] = quantized.dequantize().astype(np.float32)
-        return self.dense[key]
+            dense = quantized.dequantize()
+            assert dense.dtype == np.float16, dense.dtype
+            self.dense[key] = dense
+        return self.dense[key].astype(np.float32)
 
     def source(self, assignment: dict[str, Format]) -> Callable[[str], np.ndarray]:
         return lambda name: self.get(name, assignment[name]) if name in assignment else self.original(name)
@@ -132,8 +139,14 @@ def search_recipe(
     expected = build(config, cache.source({})).final(exact_last)
 
     def logit_bars(model, last: np.ndarray) -> tuple[float, float]:
-        logits = model.final(last)
-        return float(rowwise_cosine(expected, logits).min()), float(top1_agreement(expected, logits).mean())
+        # A block of positions at a time: all ~500 calibration positions' logits over a 262k
+        # vocabulary would be 0.5 GB beside the exact ones.
+        cosines, agree = [], []
+        for start in range(0, len(last), LOGIT_BLOCK_POSITIONS):
+            logits = model.final(last[start:start + LOGIT_BLOCK_POSITIONS])
+            cosines.append(rowwise_cosine(expected[start:start + LOGIT_BLOCK_POSITIONS], logits))
+            agree.append(top1_agreement(expected[start:start + LOGIT_BLOCK_POSITIONS], logits))
+        return float(np.concatenate(cosines).min()), float(np.concatenate(agree).mean())
 
     # 1. The LM head, over the exact layers.
     head = FP16
@@ -148,7 +161,7 @@ def search_recipe(
         if cosine >= min_logit_cosine and top1 >= min_top1:
             head = parse_format(spec)
             break
-    cache.dense = {key: value for key, value in cache.dense.items() if key == (LM_HEAD, head.spec)}
+        cache.dense.pop((LM_HEAD, spec), None)  # a 262k-row head is 335 MB per candidate
 
     def alone_loss(tensor: str, fmt: Format) -> float:
         """Sum over positions of 1 - cosine of the final state, only ``tensor`` compressed."""
