@@ -54,11 +54,16 @@ def quantize_tensor(args: tuple[str, ...], formats: tuple[str, ...], importance:
             raise click.BadParameter(f"{tensor} is a vector, not a weight matrix", param_hint="TENSOR")
         with err_console.status("calibrating"):
             activations, importance_vectors = _prepare(gguf, {tensor}, importance)
-        results = [_measure(weight, fmt, importance_vectors, tensor, activations[tensor]) for fmt in parsed]
+        results = [_measure(weight, fmt, importance_vectors, tensor, activations.get(tensor)) for fmt in parsed]
     document = {"model": str(gguf.path), "tensor": tensor, "shape": list(weight.shape),
                 "importance": importance_vectors is not None and importance_vectors.get(tensor) is not None,
                 "results": results}
     emit(document, as_json, _render_results)
+
+
+def _output_sqnr(result: dict, spec: str) -> str:
+    """Output SQNR, or "-" for a tensor no linear reads (an embedding table)."""
+    return format(result["output_sqnr_db"], spec) if "output_sqnr_db" in result else "-"
 
 
 def _render_results(doc: dict) -> None:
@@ -67,7 +72,7 @@ def _render_results(doc: dict) -> None:
     for column in ("format", "bits/weight", "weight SQNR dB", "output SQNR dB", "cosine", "max abs err", "seconds", "ANE-safe"):
         table.add_column(column, justify="left" if column == "format" else "right")
     for r in doc["results"]:
-        table.add_row(r["format"], f"{r['bits_per_weight']:.3f}", f"{r['sqnr_db']:.2f}", f"{r['output_sqnr_db']:.2f}",
+        table.add_row(r["format"], f"{r['bits_per_weight']:.3f}", f"{r['sqnr_db']:.2f}", _output_sqnr(r, ".2f"),
                       f"{r['cosine']:.6f}", f"{r['max_abs_error']:.4g}", f"{r['seconds']:.2f}",
                       "yes" if r["ane_safe"] else "[red]no[/red]")
     console.print(table)
@@ -100,7 +105,7 @@ def sweep(model: str | None, layer_list: str, format_list: str, importance: bool
                 weight = gguf.tensor(name)
                 for fmt in parsed:
                     status.update(f"{name} {fmt.spec}")
-                    rows.append({"tensor": name, **_measure(weight, fmt, importance_vectors, name, activations[name])})
+                    rows.append({"tensor": name, **_measure(weight, fmt, importance_vectors, name, activations.get(name))})
     document = {"model": str(gguf.path), "layers": sorted(layers), "formats": [f.spec for f in parsed],
                 "importance": importance, "results": rows}
     emit(document, as_json, _render_sweep)
@@ -115,6 +120,6 @@ def _render_sweep(doc: dict) -> None:
     for row in doc["results"]:
         by_tensor.setdefault(row["tensor"], {})[row["format"]] = row
     for tensor, cells in by_tensor.items():
-        table.add_row(tensor, *(f"{cells[s]['sqnr_db']:.1f} / {cells[s]['output_sqnr_db']:.1f} @ {cells[s]['bits_per_weight']:.2f}"
+        table.add_row(tensor, *(f"{cells[s]['sqnr_db']:.1f} / {_output_sqnr(cells[s], '.1f')} @ {cells[s]['bits_per_weight']:.2f}"
                                 for s in doc["formats"]))
     console.print(table)

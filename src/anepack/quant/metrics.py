@@ -57,30 +57,43 @@ def weight_error(reference: np.ndarray, approximation: np.ndarray) -> dict[str, 
 
 
 def output_sqnr_db(
-    weight: np.ndarray, approximation: np.ndarray, activations: np.ndarray
+    weight: np.ndarray, approximation: np.ndarray, activations: np.ndarray | list[np.ndarray]
 ) -> float:
-    """SQNR (dB) of ``X @ Wq.T`` against ``X @ W.T`` for calibration activations ``X [T, Cin]``."""
-    x = np.asarray(activations, dtype=np.float64)
+    """SQNR (dB) of ``X @ Wq.T`` against ``X @ W.T`` for calibration activations ``X [T, Cin]``.
+
+    For an expert bank ``[E, Cout, Cin]``, ``activations`` is one ``X_e`` per expert (the rows
+    routed to it, possibly none) and the energies are summed over the experts.
+    """
+    if np.ndim(weight) == 3:
+        if len(activations) != len(weight):
+            raise ValueError(f"{len(activations)} experts' activations for a bank of {len(weight)}")
+        pairs = [(weight[e], approximation[e], x) for e, x in enumerate(activations)]
+    else:
+        pairs = [(weight, approximation, activations)]
     signal = noise = 0.0
-    for rows in _row_chunks(weight):
-        exact = x @ np.asarray(weight[rows], dtype=np.float64).T
-        error = exact - x @ np.asarray(approximation[rows], dtype=np.float64).T
-        signal += float(np.vdot(exact, exact))
-        noise += float(np.vdot(error, error))
+    for matrix, approx, x in pairs:
+        x = np.asarray(x, dtype=np.float64)
+        for rows in _row_chunks(matrix):
+            exact = x @ np.asarray(matrix[rows], dtype=np.float64).T
+            error = exact - x @ np.asarray(approx[rows], dtype=np.float64).T
+            signal += float(np.vdot(exact, exact))
+            noise += float(np.vdot(error, error))
     return _sqnr(signal, noise)
 
 
 def quality(
-    weight: np.ndarray, quantized: QuantizedTensor, activations: np.ndarray | None = None
+    weight: np.ndarray, quantized: QuantizedTensor, activations: np.ndarray | list[np.ndarray] | None = None
 ) -> dict[str, float]:
-    """Every per-tensor number a report shows for one quantized weight."""
+    """Every per-tensor number a report shows for one quantized weight (a bank's activations:
+    one array per expert, see ``output_sqnr_db``)."""
     dequantized = quantized.dequantize()
     report = {"bits_per_weight": quantized.bits_per_weight, **weight_error(weight, dequantized)}
     if activations is not None:
-        matrix = np.asarray(weight).reshape(-1, np.shape(weight)[-1])
-        report["output_sqnr_db"] = output_sqnr_db(
-            matrix, dequantized.reshape(matrix.shape), activations
-        )
+        if np.ndim(weight) == 3:
+            report["output_sqnr_db"] = output_sqnr_db(weight, dequantized.reshape(np.shape(weight)), activations)
+        else:
+            matrix = np.asarray(weight).reshape(-1, np.shape(weight)[-1])
+            report["output_sqnr_db"] = output_sqnr_db(matrix, dequantized.reshape(matrix.shape), activations)
     return report
 
 

@@ -187,16 +187,24 @@ def capture_inputs(
     gguf: GGUFFile, token_lists: Sequence[np.ndarray], names: set[str]
 ) -> dict[str, np.ndarray]:
     """The input rows ``X [tokens, Cin]`` each named linear sees over the token lists, for
-    output-space error ``X @ W.T`` vs ``X @ Wq.T``. Stops after the last layer it needs."""
+    output-space error ``X @ W.T`` vs ``X @ Wq.T``; for an expert bank, one such array per
+    expert (the rows routed to it, possibly none); nothing for a tensor no linear reads. Stops
+    after the last layer it needs."""
     from anepack.reference import build
     from anepack.source.weights import source_weights
     from anepack.validate.recipes import tensor_layer
 
     captured: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    banks = {name: gguf.info(name).shape for name in names if name in gguf.tensors and len(gguf.info(name).shape) == 3}
+    routed: dict[str, dict[int, list[np.ndarray]]] = {bank: {} for bank in banks}
 
     def observe(name: str, inputs: np.ndarray) -> None:
-        if name in captured:
-            captured[name].append(inputs.reshape(-1, inputs.shape[-1]).copy())
+        rows = inputs.reshape(-1, inputs.shape[-1])
+        bank, _, expert = name.partition("#e")
+        if expert and bank in routed:
+            routed[bank].setdefault(int(expert), []).append(rows.copy())
+        elif name in captured:
+            captured[name].append(rows.copy())
 
     model = build(gguf.config, source_weights(gguf))
     model.observer = observe
@@ -209,7 +217,12 @@ def capture_inputs(
             hidden = model.layer(il, hidden)
         if needs_head:
             model.final(hidden)
-    return {name: np.concatenate(rows) for name, rows in captured.items()}
+    # A tensor no linear reads (an embedding table, which is gathered) gets no entry.
+    inputs = {name: np.concatenate(rows) for name, rows in captured.items() if rows and name not in banks}
+    for bank, (n_expert, _, n_in) in banks.items():
+        inputs[bank] = [np.concatenate(routed[bank][e]) if e in routed[bank] else np.zeros((0, n_in), np.float32)
+                        for e in range(n_expert)]
+    return inputs
 
 
 def load_or_collect(
