@@ -145,3 +145,34 @@ def test_rowwise_cosine_in_blocks_matches_the_closed_form(monkeypatch):
     assert metrics.rowwise_cosine(a, b).tolist() == pytest.approx([2 ** -0.5, -1.0, 1.0, 1.0, 0.0])
     assert metrics.rowwise_cosine(a.reshape(5, 1, 2), b.reshape(5, 1, 2)).shape == (5, 1)
     assert float(metrics.rowwise_cosine(a[1], b[1])) == pytest.approx(-1.0)
+
+
+def test_golden_file_of_another_vocabulary_is_refused_and_of_another_file_noted(tmp_path, synthetic_moe_path):
+    from click.testing import CliRunner
+
+    from anepack.cli import main
+    from anepack.source import open_gguf
+
+    with open_gguf(synthetic_moe_path) as gguf:
+        vocab = gguf.config.vocab_size
+    tokens = np.array([2, 10, 11, 12, 13, 14, 15, 16], np.int32)
+    logits = np.random.default_rng(0).standard_normal((len(tokens), vocab)).astype(np.float16)
+    other = Golden("elsewhere.gguf", "not this file", "test", [GoldenPrompt("p", "text", tokens, logits)])
+    other.save(tmp_path / "other.golden")
+    narrow = Golden("elsewhere.gguf", "not this file", "test", [GoldenPrompt("p", "text", tokens, logits[:, :100])])
+    narrow.save(tmp_path / "narrow.golden")
+
+    runner = CliRunner()
+    for command in (["golden", "check", str(synthetic_moe_path)], ["validate", "golden", str(synthetic_moe_path),
+                                                                    "--recipe", "int8-per-channel", "--golden"]):
+        refused = runner.invoke(main, [*command, str(tmp_path / "narrow.golden")])
+        assert refused.exit_code == 2
+        assert refused.stderr.strip().splitlines() == [
+            f"anepack: error: {tmp_path / 'narrow.golden'}: golden logits have 100 entries per position but "
+            f"{synthetic_moe_path} has a {vocab}-token vocabulary"]
+    checked = runner.invoke(main, ["golden", "check", str(synthetic_moe_path), str(tmp_path / "other.golden")])
+    assert checked.exit_code == 0 and "note: golden logits recorded on another file (elsewhere.gguf)" in checked.stdout
+    validated = runner.invoke(main, ["validate", "golden", str(synthetic_moe_path), "--recipe", "int8-per-channel",
+                                     "--golden", str(tmp_path / "other.golden"), "--db", str(tmp_path / "runs.sqlite")])
+    assert validated.exit_code == 0, validated.output
+    assert "golden logits recorded on another file (elsewhere.gguf)" in validated.stdout

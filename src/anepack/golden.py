@@ -95,6 +95,18 @@ class Golden:
             np.savez(handle, **arrays)
         return path
 
+    def check_model(self, golden_path: str | os.PathLike[str], model_path: str | os.PathLike[str],
+                    vocab_size: int) -> str | None:
+        """Refuse a model whose vocabulary is not as wide as these logits; a note when the
+        logits were recorded on another file (a dequantized copy, another quantization)."""
+        for prompt in self.prompts:
+            if prompt.logits.shape[-1] != vocab_size:
+                raise AnepackError(golden_path, f"golden logits have {prompt.logits.shape[-1]} entries per position "
+                                                f"but {model_path} has a {vocab_size}-token vocabulary")
+        if file_fingerprint(model_path) != self.fingerprint:
+            return f"golden logits recorded on another file ({self.model}), not on {model_path}"
+        return None
+
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Golden:
         path = Path(path)

@@ -9,7 +9,6 @@ from rich.table import Table
 
 from anepack.cli.output import console, emit, json_option
 from anepack.cli.source_cmds import progress_bar
-from anepack.errors import AnepackError
 from anepack.source.default_model import resolve_model
 
 
@@ -93,10 +92,7 @@ def check_command(paths: tuple[str, ...], min_cosine: float, min_top1: float, fp
     with open_gguf(model_path) as gguf:
         emulate = LlamaCppArithmetic(gguf) if emulate_llamacpp else None
         model = build(gguf.config, source_weights(gguf), fp16=fp16, emulate=emulate)
-        vocab = gguf.config.vocab_size
-        if golden_file.prompts and golden_file.prompts[0].logits.shape[-1] != vocab:
-            raise AnepackError(paths[-1], f"golden logits have {golden_file.prompts[0].logits.shape[-1]} "
-                                          f"entries per position but {model_path} has a {vocab}-token vocabulary")
+        other_file = golden_file.check_model(paths[-1], model_path, gguf.config.vocab_size)
         overflows = []
 
         def logits(tokens):
@@ -112,7 +108,7 @@ def check_command(paths: tuple[str, ...], min_cosine: float, min_top1: float, fp
         "model": str(model_path),
         "golden": paths[-1],
         "golden_model": golden_file.model,
-        "same_model_file": golden_lib.file_fingerprint(model_path) == golden_file.fingerprint,
+        "same_model_file": other_file is None,
         "fp16": fp16,
         "emulate_llamacpp": emulate_llamacpp,
         "thresholds": {"min_cosine": min_cosine, "min_top1": min_top1, "top1_per_prompt": True},
@@ -122,6 +118,8 @@ def check_command(paths: tuple[str, ...], min_cosine: float, min_top1: float, fp
 
     def render(doc: dict) -> None:
         render_checks(doc, f"numpy reference vs llama.cpp ({doc['model']})")
+        if not doc["same_model_file"]:
+            console.print(f"note: golden logits recorded on another file ({doc['golden_model']})")
         for prompt in doc["prompts"]:
             overflow = prompt["fp16_overflow"]
             if overflow is not None:

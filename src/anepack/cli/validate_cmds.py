@@ -164,9 +164,12 @@ def golden_command(model, recipe_name, golden_path, min_cosine, min_top1, prompt
     recipe = load_recipe(recipe_name)
     golden = Golden.load(golden_path) if golden_path else None
     with open_gguf(resolve_model(model)) as gguf:
+        other_file = golden.check_model(golden_path, gguf.path, gguf.config.vocab_size) if golden else None
         with err_console.status("golden check") as status:
             context = ValidationContext.prepare(gguf, prompts_path, importance, status.update)
             record = golden_run(context, recipe, golden, min_cosine, min_top1, progress=status.update)
+        if other_file:
+            record["notes"].append(other_file)
     run_id = _store_record(record, db_path)
     document = {"run": run_id, "passed": record["passed"], "model": record["model"],
                 "top1_pooled": record["top1_pooled"],
@@ -177,7 +180,7 @@ def golden_command(model, recipe_name, golden_path, min_cosine, min_top1, prompt
         render_checks(doc, f"recipe {recipe.name}: quantized stack vs reference logits (run {doc['run']})")
         console.print(_bits_line(doc["bits"]))
         for note in doc["record"]["notes"]:
-            if note.startswith("routing:"):
+            if note.startswith(("routing:", "golden logits recorded on another file")):
                 console.print(note)
 
     emit(document, as_json, render)
