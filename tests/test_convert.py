@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from anepack import synth
 from anepack.synth import write_synthetic_gguf
 
 
@@ -32,6 +33,16 @@ def test_gate_stops_a_build_that_would_fail_and_names_the_blame(model, tmp_path)
     assert "pre-flight gate failed" in message and "attn_v.weight" in message and "Traceback" not in result.stderr
     assert not (out / "manifest.json").exists() and not list(out.glob("*.mlpackage"))
     assert not list(out.glob(".quantized-*"))  # the quantized weights' store goes with the run
+
+
+def test_a_model_without_shards_is_refused_before_anything_is_written(tmp_path):
+    dims, _ = synth.preset("gemma4", "ple")
+    e2b = write_synthetic_gguf(tmp_path / "e2b.gguf", "gemma4", seed=3, **dims)
+    out = tmp_path / "shards"
+    result = run_cli("convert", str(e2b), "--out", str(out))
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"anepack: error: {e2b}: Gemma 4 per-layer embeddings and KV sharing (E2B/E4B) have no Core ML shards yet"]
+    assert not out.exists()
 
 
 def test_convert_ships_a_validated_artifact(model, tmp_path):

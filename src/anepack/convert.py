@@ -57,7 +57,7 @@ def convert(
     progress: Progress | None = None,
 ) -> RunRecord:
     """Convert ``gguf`` with ``recipe`` into ``out_dir``; returns the run record (verdict in ``passed``)."""
-    from anepack.coreml.builder import build_shards, choose_alpha
+    from anepack.coreml.builder import build_shards, check_supported, choose_alpha
     from anepack.coreml.lint import lint_shards
     from anepack.coreml.manifest import read_manifest, write_manifest
     from anepack.report.html import write_report
@@ -65,6 +65,9 @@ def convert(
     from anepack.runtime.shards import ShardRuntime
 
     step = progress or (lambda message, fraction=None: None)
+    # A model this cannot convert (unknown architecture, wrong shapes, no shards for it) is
+    # refused before anything is written or calibrated.
+    check_supported(gguf.config, gguf.path)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
