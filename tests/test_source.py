@@ -129,3 +129,30 @@ def test_cli_bad_inputs_exit_nonzero_without_traceback(tmp_path):
     result = run_cli("dequant", str(path), str(target))
     assert result.returncode == 2 and phrase in result.stderr and "Traceback" not in result.stderr
     assert not target.exists() and not list(tmp_path.glob("*.partial"))
+
+
+@pytest.mark.parametrize("command", [
+    ["recipes"], ["golden", "record", "--out", "{tmp}/x.golden"], ["convert", "--out", "{tmp}/shards"],
+    ["validate", "layers", "--recipe", "int8-per-channel"], ["recipe", "search", "--out", "{tmp}/x.toml"],
+    ["quantize-tensor", "blk.0.attn_q.weight", "--format", "lut4-g16"],
+])
+def test_every_model_command_names_a_bad_model_in_one_line_and_writes_nothing(tmp_path, command):
+    """Each command reads the model's architecture and shapes before llama.cpp or an output sees it."""
+    from click.testing import CliRunner
+
+    from anepack.cli import main
+
+    cases = _bad_files(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    args = [part.format(tmp=out) for part in command]
+    for label in ("unknown-arch", "wrong-shape", "missing-tensor", "truncated"):
+        path, phrase = cases[label]
+        # the model argument goes right after the command's own words
+        words = 2 if command[0] in ("golden", "validate", "recipe") else 1
+        result = CliRunner().invoke(main, [*args[:words], str(path), *args[words:], "--db", str(out / "runs.sqlite")]
+                                    if command[0] in ("convert", "validate") else [*args[:words], str(path), *args[words:]])
+        assert result.exit_code == 2, (label, result.output)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and phrase in lines[0] and str(path) in lines[0], (label, result.stderr)
+        assert list(out.iterdir()) == [], (label, list(out.iterdir()))

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from anepack.errors import AnepackError
 from anepack.golden import Thresholds, compare, verdict
 from anepack.reference import build
 from anepack.reference.gemma4 import ForcedRouting, RecordedRouting, RoutingDifference
@@ -69,7 +70,10 @@ def convert(
     # refused before anything is written or calibrated.
     check_supported(gguf.config, gguf.path)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise AnepackError(out_dir, f"cannot create the output directory ({error.strerror})") from None
     started = time.perf_counter()
 
     step("calibrating", None)

@@ -22,6 +22,7 @@ def recipe_bits(gguf: GGUFFile, recipe: Recipe) -> tuple[list[dict], dict[str, f
     """Per-tensor rows (name, layer, kind, format, bits_per_weight, parameters) and the averages."""
     from anepack.validate.record import tensor_entry
 
+    gguf.config  # parsed first: a model anepack cannot read is refused in one line, not counted
     rows = []
     layer_bytes = layer_params = 0
     head_bytes = head_params = 0
