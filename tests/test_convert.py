@@ -67,3 +67,32 @@ def test_convert_ships_a_validated_artifact(model, tmp_path):
     assert manifest["validation"]["passed"] and manifest["recipe_name"] == "light"
     assert (out / "report.html").stat().st_size > 10_000
     assert not list(out.glob(".quantized-*"))  # the stale store removed, this run's own too
+
+
+@pytest.mark.parametrize("options, phrase", [
+    (["--chunk", "0"], "need 1 <= chunk <= context, got chunk 0, context 512"),
+    (["--context", "4", "--chunk", "8"], "need 1 <= chunk <= context, got chunk 8, context 4"),
+    (["--max-shard-mb", "0"], "--max-shard-mb must be positive, not 0.0"),
+])
+def test_unusable_build_options_are_refused_before_anything_is_written(model, tmp_path, options, phrase):
+    from click.testing import CliRunner
+
+    from anepack.cli import main
+
+    out = tmp_path / "shards"
+    result = CliRunner().invoke(main, ["convert", str(model), "--out", str(out), *options,
+                                       "--db", str(tmp_path / "runs.sqlite")])
+    assert result.exit_code == 2 and result.stderr.strip().splitlines() == [f"anepack: error: {phrase}"]
+    assert not out.exists() and not (tmp_path / "runs.sqlite").exists()
+
+
+def test_bars_outside_their_range_are_refused_by_the_option_parser(model):
+    from click.testing import CliRunner
+
+    from anepack.cli import main
+
+    for args in (["validate", "golden", str(model), "--min-cosine", "2"],
+                 ["validate", "golden", str(model), "--min-top1", "1.5"],
+                 ["recipe", "search", str(model), "--out", "x.toml", "--max-bpw", "-1"]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2 and "is not in the range" in result.output, args

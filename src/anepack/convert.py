@@ -58,7 +58,7 @@ def convert(
     progress: Progress | None = None,
 ) -> RunRecord:
     """Convert ``gguf`` with ``recipe`` into ``out_dir``; returns the run record (verdict in ``passed``)."""
-    from anepack.coreml.builder import build_shards, check_supported, choose_alpha
+    from anepack.coreml.builder import build_shards, check_build_options, check_supported, choose_alpha
     from anepack.coreml.lint import lint_shards
     from anepack.coreml.manifest import read_manifest, write_manifest
     from anepack.report.html import write_report
@@ -66,9 +66,10 @@ def convert(
     from anepack.runtime.shards import ShardRuntime
 
     step = progress or (lambda message, fraction=None: None)
-    # A model this cannot convert (unknown architecture, wrong shapes, no shards for it) is
-    # refused before anything is written or calibrated.
+    # A model this cannot convert (unknown architecture, wrong shapes, no shards for it) or
+    # build options no build can use are refused before anything is written or calibrated.
     check_supported(gguf.config, gguf.path)
+    check_build_options(options.chunk, options.context, options.max_shard_mb)
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)

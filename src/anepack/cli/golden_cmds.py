@@ -7,7 +7,7 @@ import dataclasses
 import click
 from rich.table import Table
 
-from anepack.cli.output import console, emit, json_option
+from anepack.cli.output import COSINE, SHARE, console, emit, json_option
 from anepack.cli.source_cmds import progress_bar
 from anepack.source.default_model import resolve_model
 
@@ -72,8 +72,8 @@ def render_checks(doc: dict, title: str) -> None:
 
 @golden.command("check")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(dir_okay=False), metavar="[MODEL] GOLDEN")
-@click.option("--min-cosine", default=0.99, show_default=True, help="Per-position logit cosine bar.")
-@click.option("--min-top1", default=0.95, show_default=True, help="Per-prompt top-1 agreement bar.")
+@click.option("--min-cosine", type=COSINE, default=0.99, show_default=True, help="Per-position logit cosine bar.")
+@click.option("--min-top1", type=SHARE, default=0.95, show_default=True, help="Per-prompt top-1 agreement bar.")
 @click.option("--fp16", is_flag=True, help="Run the reference with every intermediate rounded to float16.")
 @click.option("--emulate-llamacpp", is_flag=True,
               help="Compute matmuls and GELU as llama.cpp's CPU backend does (activation quantization).")

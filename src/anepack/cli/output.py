@@ -14,6 +14,9 @@ import numpy as np
 from rich.console import Console
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of tables.")
+# Bars: a cosine lies in [-1, 1], an agreement share in [0, 1]; a bar outside cannot be met or missed.
+COSINE = click.FloatRange(-1.0, 1.0)
+SHARE = click.FloatRange(0.0, 1.0)
 model_argument = click.argument("model", required=False, type=click.Path(dir_okay=False))
 
 # Piped output keeps whole rows: rich would otherwise wrap every table at 80 columns.

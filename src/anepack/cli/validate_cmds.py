@@ -10,7 +10,7 @@ from rich.table import Table
 from anepack.atomic import atomic_write_bytes
 from anepack.cli.golden_cmds import render_checks
 from anepack.cli.history_cmds import db_option
-from anepack.cli.output import console, emit, err_console, json_option, model_argument
+from anepack.cli.output import COSINE, SHARE, console, emit, err_console, json_option, model_argument
 from anepack.source.default_model import resolve_model
 from anepack.source.gguf_file import open_gguf
 
@@ -95,7 +95,7 @@ def _layers_document(record: dict, run_id: int) -> dict:
 @model_argument
 @recipe_option
 @click.option("--layers", "layer_choice", default="sample", show_default=True, help="sample, all, or a list like 0,5,17.")
-@click.option("--threshold", default=0.97, show_default=True, help="Minimum hidden-state cosine per layer.")
+@click.option("--threshold", type=COSINE, default=0.97, show_default=True, help="Minimum hidden-state cosine per layer.")
 @click.option("--blame/--no-blame", default=True, show_default=True, help="Quantize one tensor at a time to assign blame.")
 @prompts_option
 @importance_option
@@ -124,7 +124,7 @@ def layers_command(model, recipe_name, layer_choice, threshold, blame, prompts_p
 @model_argument
 @recipe_option
 @click.option("--sample", "sample_size", default=5, show_default=True, help="How many layers the gate checks.")
-@click.option("--threshold", default=0.97, show_default=True, help="Minimum hidden-state cosine per layer.")
+@click.option("--threshold", type=COSINE, default=0.97, show_default=True, help="Minimum hidden-state cosine per layer.")
 @prompts_option
 @importance_option
 @db_option
@@ -148,8 +148,8 @@ def gate_command(model, recipe_name, sample_size, threshold, prompts_path, impor
 @recipe_option
 @click.option("--golden", "golden_path", type=click.Path(dir_okay=False),
               help="Golden file from 'anepack golden record' (default: the exact numpy reference on --prompts).")
-@click.option("--min-cosine", default=0.97, show_default=True, help="Per-position logit cosine bar.")
-@click.option("--min-top1", default=0.90, show_default=True,
+@click.option("--min-cosine", type=COSINE, default=0.97, show_default=True, help="Per-position logit cosine bar.")
+@click.option("--min-top1", type=SHARE, default=0.90, show_default=True,
               help="Top-1 agreement bar, pooled over every position of every prompt.")
 @prompts_option
 @importance_option
@@ -193,14 +193,14 @@ def recipe_group() -> None:
 
 @recipe_group.command("search")
 @model_argument
-@click.option("--max-bpw", default=5.0, show_default=True, help="Most bits per weight over the layers' matrices.")
-@click.option("--min-layer-cos", default=0.98, show_default=True,
+@click.option("--max-bpw", type=click.FloatRange(min=0, min_open=True), default=5.0, show_default=True, help="Most bits per weight over the layers' matrices.")
+@click.option("--min-layer-cos", type=COSINE, default=0.98, show_default=True,
               help="Cumulative hidden-state cosine every layer must keep on the calibration prompts.")
-@click.option("--min-final-cos", type=float, default=None,
+@click.option("--min-final-cos", type=COSINE, default=None,
               help="Also keep the final hidden state (the LM head's input) at this cosine.")
-@click.option("--min-logit-cos", default=0.97, show_default=True,
+@click.option("--min-logit-cos", type=COSINE, default=0.97, show_default=True,
               help="Per-position logit cosine the stack must keep on the calibration prompts.")
-@click.option("--min-top1", default=0.90, show_default=True,
+@click.option("--min-top1", type=SHARE, default=0.90, show_default=True,
               help="Top-1 agreement, pooled over the calibration prompts' positions, the stack must keep.")
 @click.option("--allow-gpu-formats", is_flag=True, help="Also consider formats that fall off the ANE (int4 per-block).")
 @click.option("--name", default="searched", show_default=True, help="Name of the written recipe.")

@@ -497,6 +497,14 @@ def cache_shape(config: ModelConfig, il: int, length: int) -> tuple[int, int, in
     return (1, n_kv, length, head_dim)
 
 
+def check_build_options(chunk: int, context: int, max_shard_mb: float) -> None:
+    """Refuse, in one line, a prefill chunk, KV cache length or shard budget no build can use."""
+    if chunk < 1 or context < chunk:
+        raise AnepackError(None, f"need 1 <= chunk <= context, got chunk {chunk}, context {context}")
+    if not max_shard_mb > 0:
+        raise AnepackError(None, f"--max-shard-mb must be positive, not {max_shard_mb}")
+
+
 def check_supported(config: ModelConfig, path: str | Path | None = None) -> None:
     """Refuse, in one line, the models whose shards this builder cannot make."""
     arch = architecture(config)
@@ -906,10 +914,7 @@ def build_shards(
     check_supported(config, gguf.path)
     if not (math.isfinite(alpha) and alpha > 0):
         raise AnepackError(None, f"alpha must be positive and finite, not {alpha}")
-    if chunk < 1 or context < chunk:
-        raise AnepackError(None, f"need 1 <= chunk <= context, got chunk {chunk}, context {context}")
-    if not max_shard_mb > 0:
-        raise AnepackError(None, f"--max-shard-mb must be positive, not {max_shard_mb}")
+    check_build_options(chunk, context, max_shard_mb)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise AnepackError(out, "the output path exists and is not a directory")
