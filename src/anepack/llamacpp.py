@@ -49,7 +49,17 @@ def open_llama(model_path: str | os.PathLike[str], **params) -> "llama_cpp.Llama
     try:
         return llama_cpp.Llama(model_path=str(path), verbose=False, **params)
     except ValueError as err:  # llama-cpp-python's "Failed to load model from file"
+        _name_the_problem(path)
         raise AnepackError(path, f"llama.cpp cannot load this model ({err})") from None
+
+
+def _name_the_problem(path: Path) -> None:
+    """llama.cpp says only that a load failed: anepack's reader names an unknown architecture,
+    a truncated file or a wrong shape in one line, if that is why."""
+    from anepack.source.gguf_file import open_gguf
+
+    with open_gguf(path) as gguf:
+        gguf.config  # parses the architecture and checks every tensor's presence and shape
 
 
 class LlamaCppReferee:

@@ -25,12 +25,9 @@ def golden() -> None:
 def record_command(model: str | None, prompts_path: str | None, out_path: str, as_json: bool) -> None:
     """Run llama.cpp on MODEL over the prompts and store token ids and logits."""
     from anepack import golden as golden_lib
-    from anepack.source.gguf_file import open_gguf
 
     model_path = resolve_model(model)
     prompts = golden_lib.load_prompts(prompts_path)
-    with open_gguf(model_path) as gguf:
-        gguf.config  # parsed first: an unknown architecture is named as such, not as llama.cpp failing to load
     bar, task = progress_bar("llama.cpp", len(prompts))
     with bar:
         result = golden_lib.record(model_path, prompts, lambda name: bar.update(task, advance=1, item=name))

@@ -44,7 +44,6 @@ def tokenize(gguf: GGUFFile, prompts: list[Prompt]) -> list[np.ndarray]:
     """Token ids of each prompt from the model's own vocabulary."""
     from anepack.tokenizer import Tokenizer
 
-    gguf.config  # parsed first: an unknown architecture is named as such, not as llama.cpp failing to load
     with Tokenizer(gguf.path) as tokenizer:
         return [np.asarray(tokenizer.encode(p.text), dtype=np.int64) for p in prompts]
 
