@@ -61,6 +61,10 @@ def load_prompts(path: str | os.PathLike[str] | None = None) -> list[Prompt]:
     return prompts
 
 
+# How a check's notes begin when the golden logits come from another model file.
+OTHER_FILE_NOTE = "golden logits recorded on another file"
+
+
 @dataclass
 class GoldenPrompt:
     name: str
@@ -104,7 +108,7 @@ class Golden:
                 raise AnepackError(golden_path, f"golden logits have {prompt.logits.shape[-1]} entries per position "
                                                 f"but {model_path} has a {vocab_size}-token vocabulary")
         if file_fingerprint(model_path) != self.fingerprint:
-            return f"golden logits recorded on another file ({self.model}), not on {model_path}"
+            return f"{OTHER_FILE_NOTE} ({self.model}), not on {model_path}"
         return None
 
     @classmethod

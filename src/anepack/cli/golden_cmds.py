@@ -119,7 +119,7 @@ def check_command(paths: tuple[str, ...], min_cosine: float, min_top1: float, fp
     def render(doc: dict) -> None:
         render_checks(doc, f"numpy reference vs llama.cpp ({doc['model']})")
         if not doc["same_model_file"]:
-            console.print(f"note: golden logits recorded on another file ({doc['golden_model']})")
+            console.print(f"note: {golden_lib.OTHER_FILE_NOTE} ({doc['golden_model']})")
         for prompt in doc["prompts"]:
             overflow = prompt["fp16_overflow"]
             if overflow is not None:

@@ -157,7 +157,7 @@ def gate_command(model, recipe_name, sample_size, threshold, prompts_path, impor
 @json_option
 def golden_command(model, recipe_name, golden_path, min_cosine, min_top1, prompts_path, importance, db_path, as_json):
     """The full quantized stack on every golden prompt: logit cosine, KL, top-1 per position."""
-    from anepack.golden import Golden
+    from anepack.golden import OTHER_FILE_NOTE, Golden
     from anepack.validate.recipes import load_recipe
     from anepack.validate.run import ValidationContext, golden_run
 
@@ -180,7 +180,7 @@ def golden_command(model, recipe_name, golden_path, min_cosine, min_top1, prompt
         render_checks(doc, f"recipe {recipe.name}: quantized stack vs reference logits (run {doc['run']})")
         console.print(_bits_line(doc["bits"]))
         for note in doc["record"]["notes"]:
-            if note.startswith(("routing:", "golden logits recorded on another file")):
+            if note.startswith(("routing:", OTHER_FILE_NOTE)):
                 console.print(note)
 
     emit(document, as_json, render)

@@ -191,17 +191,14 @@ def quantize_lut(
         # Groups are clustered independently; a block of them at a time keeps the per-element
         # error weights small (a whole LM head's would be 671 MB).
         per_block = max(1, _WEIGHTS_BLOCK_ELEMENTS // (group * cols))
-        centroids = np.concatenate([
-            kmeans_1d_centroids(
-                grouped[first:first + per_block], fmt.entries,
-                _error_weights(
-                    len(grouped[first:first + per_block]) * group, cols, group,
-                    None if row_weights is None else row_weights[first * group:(first + per_block) * group],
-                    column_weights,
-                ),
-            )
-            for first in range(0, rows // group, per_block)
-        ])
+        parts = []
+        for first in range(0, rows // group, per_block):
+            block = grouped[first:first + per_block]
+            block_rows = slice(first * group, (first + len(block)) * group)
+            block_row_weights = None if row_weights is None else row_weights[block_rows]
+            weights = _error_weights(len(block) * group, cols, group, block_row_weights, column_weights)
+            parts.append(kmeans_1d_centroids(block, fmt.entries, weights))
+        centroids = np.concatenate(parts)
     lut, lut_scale, decoded = _stored_lut(centroids, fmt.int8_lut)
     indices = nearest_labels(grouped, decoded).reshape(rows, cols)
     lut_shape = (rows // group, 1, fmt.entries, 1)

@@ -89,11 +89,10 @@ def quality(
     dequantized = quantized.dequantize()
     report = {"bits_per_weight": quantized.bits_per_weight, **weight_error(weight, dequantized)}
     if activations is not None:
-        if np.ndim(weight) == 3:
-            report["output_sqnr_db"] = output_sqnr_db(weight, dequantized.reshape(np.shape(weight)), activations)
-        else:
-            matrix = np.asarray(weight).reshape(-1, np.shape(weight)[-1])
-            report["output_sqnr_db"] = output_sqnr_db(matrix, dequantized.reshape(matrix.shape), activations)
+        # A bank keeps its expert axis; any other weight is seen as rows of its last axis.
+        shape = np.shape(weight) if np.ndim(weight) == 3 else (-1, np.shape(weight)[-1])
+        weight = np.asarray(weight).reshape(shape)
+        report["output_sqnr_db"] = output_sqnr_db(weight, dequantized.reshape(weight.shape), activations)
     return report
 
 
