@@ -64,6 +64,7 @@ def test_golden_check_on_the_f32_default_model_meets_the_exact_bars(tmp_path, de
     assert checked.returncode == 0, checked.stderr
     doc = json.loads(checked.stdout)
     assert doc["same_model_file"] and doc["passed"]
+    assert doc["quantized_weight_types"] == []
     for prompt in doc["prompts"]:
         assert prompt["min_cosine"] >= 0.9999 and prompt["top1_agreement"] == 1.0, prompt["name"]
 
@@ -81,10 +82,16 @@ def test_golden_check_on_the_q4_k_m_default_model(tmp_path, default_model_path):
     assert checked.returncode == 0, checked.stderr
     doc = json.loads(checked.stdout)
     assert doc["same_model_file"]
+    # the file stores its matrices as Q5_0, Q4_K, Q6_K and Q8_0 (the tied head: token_embd)
+    assert doc["quantized_weight_types"] == ["Q4_K", "Q5_0", "Q6_K", "Q8_0"]
     assert all(p["mean_cosine"] >= 0.99 and p["min_cosine"] >= 0.9 for p in doc["prompts"])
     positions = sum(p["tokens"] for p in doc["prompts"])
     agreeing = sum(p["top1_agreement"] * p["tokens"] for p in doc["prompts"])
     assert agreeing / positions >= 0.93
+    # the worst position misses the 0.99 bar (README: 0.949), and the verdict says why and what to do
+    assert not doc["passed"]
+    table = run_cli("golden", "check", str(golden_path))
+    assert "FAIL" in table.stdout and "anepack dequant" in table.stdout, table.stdout
 
 
 def test_fp16_check_reports_the_residual_overflow(tmp_path, default_model_path):

@@ -67,6 +67,15 @@ def render_checks(doc: dict, title: str) -> None:
     console.print(f"{verdict}: logit cosine >= {doc['thresholds']['min_cosine']} at every position, {top1}")
 
 
+# Weight types llama.cpp multiplies without rounding the activations to 8 bits.
+UNQUANTIZED_TYPES = ("F32", "F16", "BF16")
+
+
+def _multiplied(tensor: str, tied_embeddings: bool) -> bool:
+    """Whether llama.cpp multiplies by ``tensor`` (embedding tables are only looked up, unless tied)."""
+    return "token_embd" not in tensor or (tensor == "token_embd.weight" and tied_embeddings)
+
+
 @golden.command("check")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(dir_okay=False), metavar="[MODEL] GOLDEN")
 @click.option("--min-cosine", type=COSINE, default=0.99, show_default=True, help="Per-position logit cosine bar.")
@@ -93,6 +102,9 @@ def check_command(paths: tuple[str, ...], min_cosine: float, min_top1: float, fp
         emulate = LlamaCppArithmetic(gguf) if emulate_llamacpp else None
         model = build(gguf.config, source_weights(gguf), fp16=fp16, emulate=emulate)
         other_file = golden_file.check_model(paths[-1], model_path, gguf.config.vocab_size)
+        quantized_types = sorted({info.type_name for name, info in gguf.tensors.items()
+                                  if len(info.shape) >= 2 and info.type_name not in UNQUANTIZED_TYPES
+                                  and _multiplied(name, "output.weight" not in gguf.tensors)})
         overflows = []
 
         def logits(tokens):
@@ -109,6 +121,7 @@ def check_command(paths: tuple[str, ...], min_cosine: float, min_top1: float, fp
         "golden": paths[-1],
         "golden_model": golden_file.model,
         "same_model_file": other_file is None,
+        "quantized_weight_types": quantized_types,
         "fp16": fp16,
         "emulate_llamacpp": emulate_llamacpp,
         "thresholds": {"min_cosine": min_cosine, "min_top1": min_top1, "top1_per_prompt": True},
@@ -120,6 +133,12 @@ def check_command(paths: tuple[str, ...], min_cosine: float, min_top1: float, fp
         render_checks(doc, f"numpy reference vs llama.cpp ({doc['model']})")
         if not doc["same_model_file"]:
             console.print(f"note: {golden_lib.OTHER_FILE_NOTE} ({doc['golden_model']})")
+        if not doc["passed"] and doc["quantized_weight_types"]:
+            console.print(
+                f"note: llama.cpp multiplies this file's {'/'.join(doc['quantized_weight_types'])} weights by "
+                "activations rounded to 8 bits, and that rounding moves its logits (see --emulate-llamacpp); "
+                "to check the reference's arithmetic alone, compare on a dequantized copy: "
+                f"anepack dequant {doc['model']} COPY.gguf, then golden record and check on COPY.gguf")
         for prompt in doc["prompts"]:
             overflow = prompt["fp16_overflow"]
             if overflow is not None:
