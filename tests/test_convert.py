@@ -31,18 +31,22 @@ def test_gate_stops_a_build_that_would_fail_and_names_the_blame(model, tmp_path)
     assert result.returncode == 2, result.stderr
     message = result.stderr.strip().splitlines()[-1]
     assert "pre-flight gate failed" in message and "attn_v.weight" in message and "Traceback" not in result.stderr
-    assert not (out / "manifest.json").exists() and not list(out.glob("*.mlpackage"))
-    assert not list(out.glob(".quantized-*"))  # the quantized weights' store goes with the run
+    assert not out.exists()  # nothing written, not even an empty directory (nor the quantized store)
 
 
-def test_a_model_without_shards_is_refused_before_anything_is_written(tmp_path):
+def test_an_e2b_style_model_converts_into_checked_shards(tmp_path):
+    """Per-layer embeddings and KV sharing through convert: the synthetic model's flat logits fail
+    the gate at 8 bits, so --force; what must hold is the artifact against its simulation."""
     dims, _ = synth.preset("gemma4", "ple")
     e2b = write_synthetic_gguf(tmp_path / "e2b.gguf", "gemma4", seed=3, **dims)
     out = tmp_path / "shards"
-    result = run_cli("convert", str(e2b), "--out", str(out))
-    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
-        f"anepack: error: {e2b}: Gemma 4 per-layer embeddings and KV sharing (E2B/E4B) have no Core ML shards yet"]
-    assert not out.exists()
+    result = run_cli("convert", str(e2b), "--out", str(out), "--force", "--chunk", "16", "--context", "128", "--json")
+    assert result.returncode == 0, result.stderr  # the verdict (golden FAIL here) is a field
+    doc = json.loads(result.stdout)
+    assert doc["artifact"]["min_cosine"] >= 0.999
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["per_layer_embeddings"]["file"] == "per_layer_embeddings.npy"
+    assert (out / "per_layer_embeddings.npy").is_file()
 
 
 def test_convert_ships_a_validated_artifact(model, tmp_path):

@@ -1,7 +1,7 @@
 """Gemma 4 MoE shards: the synthetic ``moe`` model built into trunk, expert and head packages and
 run end to end by the MIL interpreter with host-side routing, against the numpy reference on the
 same dequantized weights; expert weights against coremltools' own decompression; the layout
-under the size budget; and the refusal of what the builder cannot make (E2B-style models).
+under the size budget; and the E2B-style model (per-layer embeddings, KV sharing) the same way.
 
 Routing is a discontinuous choice: where two experts' router probabilities nearly tie, the
 float16 shards and the float32 reference may pick different ones, and that position's logits
@@ -25,7 +25,6 @@ from anepack.coreml.builder import build_shards
 from anepack.coreml.lint import lint_shards
 from anepack.coreml.moe import expert_function
 from anepack.coreml.package import WEIGHTS_PATH
-from anepack.errors import UnsupportedModelError
 from anepack.golden import load_prompts
 from anepack.metrics import rowwise_cosine
 from anepack.reference import build
@@ -154,8 +153,9 @@ def test_released_packages_give_the_same_logits_and_hold_nothing_decoded(moe):
         assert not shard.program._materialized and not shard.program._widened_constants
 
 
-def test_decode_steps_continue_the_prefill(moe):
-    _, _, out, _ = moe
+@pytest.mark.parametrize("build_name", ["moe", "e2b"])
+def test_decode_steps_continue_the_prefill(request, build_name):
+    _, _, out, _ = request.getfixturevalue(build_name)
     runtime = ShardRuntime(out, "mil")
     tokens = _prompts(out)[0][:12]
     whole = runtime.logits(tokens)
@@ -238,10 +238,61 @@ def test_whole_bank_per_tensor_format_stays_one_scale(whole_bank):
     assert bank.scale.size == 1  # the brief's failure mode is reproducible on purpose
 
 
-def test_e2b_style_models_are_refused_in_one_line(tmp_path):
+@pytest.fixture(scope="module")
+def e2b(tmp_path_factory):
+    """The E2B-style model (per-layer embeddings; layers 3-5 reuse layer 1's and 2's keys and
+    values), alpha 1/4 so the per-layer gate must undo the residual scale, packages of two layers
+    so a shared layer reads its source both inside its package and from an earlier one."""
+    root = tmp_path_factory.mktemp("e2b-shards")
     dims, _ = synth.preset("gemma4", "ple")
-    gguf = open_gguf(synth.write_synthetic_gguf(tmp_path / "ple.gguf", "gemma4", seed=2, **dims))
+    gguf = open_gguf(synth.write_synthetic_gguf(root / "ple.gguf", "gemma4", seed=1, **dims))
     weights = RecipeWeights(gguf, parse_recipe(RECIPE))
-    with pytest.raises(UnsupportedModelError) as error:
-        build_shards(gguf, weights, tmp_path / "out", **BUILD)
-    assert "\n" not in str(error.value) and "per-layer embeddings" in str(error.value)
+    out = root / "shards"
+    write_host_files(gguf, out)
+    manifest = build_shards(gguf, weights, out, **(BUILD | {"alpha": 0.25}))
+    return gguf, weights, out, manifest
+
+
+def test_e2b_shards_match_the_reference(e2b):
+    gguf, weights, out, manifest = e2b
+    config = gguf.config
+    assert config.n_embd_per_layer and config.n_kv_shared_layers
+    layers = [shard for shard in manifest.shards if shard.kind == "layers"]
+    assert [shard.layers for shard in layers] == [(0, 1), (2, 3), (4,), (5,)]
+    inputs = [spec.name for spec in layers[1].functions["decode"].inputs]
+    # layer 3 reuses layer 1's keys (an earlier package), layer 2 keeps its own
+    assert {"embedded", "per_layer_2", "per_layer_3", "k_cache_1", "k_shared_1", "k_cache_2"} <= set(inputs)
+    assert [spec.name for spec in layers[1].functions["decode"].outputs] == ["hidden_out", "k_new_2", "v_new_2"]
+    runtime = ShardRuntime(out, "mil")
+    reference = build(config, weights)
+    prompts = _prompts(out)
+    for tokens, together in zip(prompts, runtime.prompt_logits(prompts)):
+        expected = reference.forward(tokens).logits
+        assert rowwise_cosine(expected, runtime.logits(tokens)).min() >= MIN_COSINE
+        assert rowwise_cosine(expected, together).min() >= MIN_COSINE
+
+
+def test_e2b_host_table_and_projection_weights_are_the_models(e2b):
+    """The host's per-layer table is the GGUF's rows times sqrt(n_embd_per_layer) in float16, and
+    each layer's rows of the projection are stored float16, as every recipe leaves them (like the
+    router, it is not a layer matrix a recipe compresses)."""
+    gguf, weights, out, manifest = e2b
+    width = gguf.config.n_embd_per_layer
+    table = np.load(out / manifest.per_layer_embeddings.file)
+    expected = (gguf.tensor("per_layer_token_embd.weight") * np.float32(np.sqrt(width))).astype(np.float16)
+    np.testing.assert_array_equal(table, expected)
+    package = out / "layers_02_03.mlpackage"
+    spec = coremltools.models.MLModel(str(package), skip_model_load=True).get_spec()
+    program = load_milproto(spec, spec.specificationVersion, str(package / WEIGHTS_PATH))
+    WeightDecompressor(op_selector=lambda op: True).apply(program)
+    assert weights.compressed("per_layer_model_proj.weight") is None
+    projection = weights.exact("per_layer_model_proj.weight").astype(np.float16)
+    found = {op.weight.name: op.weight.val for op in program.functions["decode"].find_ops(op_type="linear")
+             if op.weight.name.startswith("per_layer_model_proj")}
+    assert sorted(found) == [f"per_layer_model_proj_weight_{2 * width}_{3 * width}",
+                             f"per_layer_model_proj_weight_{3 * width}_{4 * width}"]
+    for il in (2, 3):
+        np.testing.assert_array_equal(found[f"per_layer_model_proj_weight_{il * width}_{(il + 1) * width}"],
+                                      projection[il * width:(il + 1) * width])
+    lint = lint_shards(out)
+    assert lint["all_on_ane"] and lint["totals"]["op_share"] == 1.0

@@ -71,25 +71,36 @@ def convert(
     check_supported(gguf.config, gguf.path)
     check_build_options(options.chunk, options.context, options.max_shard_mb)
     out_dir = Path(out_dir)
+    created = not out_dir.exists()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise AnepackError(out_dir, f"cannot create the output directory ({error.strerror})") from None
     started = time.perf_counter()
 
-    step("calibrating", None)
-    calibration = calibrate(gguf)
-    context = ValidationContext.prepare(gguf, prompts_path, use_importance=False)
-    context.importance = calibration if options.use_importance else None
+    store = None
+    try:
+        step("calibrating", None)
+        calibration = calibrate(gguf)
+        context = ValidationContext.prepare(gguf, prompts_path, use_importance=False)
+        context.importance = calibration if options.use_importance else None
 
-    # Quantized once: the gate, the build and the checks share it, on disk.
-    for stale in remove_stale_stores(out_dir):
-        step(f"removed {stale.name}, left by an interrupted run", None)
-    weights = RecipeWeights(gguf, recipe, context.importance, store=QuantizedStore(out_dir))
-    step("pre-flight gate", None)
-    gate = gate_run(context, recipe, options.gate_sample, options.min_layer_cosine, weights,
-                    progress=lambda message: step(f"gate: {message}", None))
-    require_gate(gate, options.force)
+        # Quantized once: the gate, the build and the checks share it, on disk.
+        for stale in remove_stale_stores(out_dir):
+            step(f"removed {stale.name}, left by an interrupted run", None)
+        store = QuantizedStore(out_dir)
+        weights = RecipeWeights(gguf, recipe, context.importance, store=store)
+        step("pre-flight gate", None)
+        gate = gate_run(context, recipe, options.gate_sample, options.min_layer_cosine, weights,
+                        progress=lambda message: step(f"gate: {message}", None))
+        require_gate(gate, options.force)
+    except BaseException:
+        # stopped before building (the gate, bad prompts, an interrupt): leave no empty directory
+        if store is not None:
+            store.close()
+        if created and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
 
     record = context.record("convert", recipe, {
         "min_layer_cosine": options.min_layer_cosine,

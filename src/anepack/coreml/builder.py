@@ -56,6 +56,7 @@ from anepack.coreml.package import (
     size_bytes,
 )
 from anepack.coreml import moe
+from anepack.coreml.moe import EMBEDDED, PER_LAYER_NORM, PER_LAYER_PROJECTION
 from anepack.coreml.weights import emit_weight
 from anepack.quant.packing import weight_rows
 from anepack.errors import AnepackError, UnsupportedModelError
@@ -63,7 +64,7 @@ from anepack.quant import Format, LutFormat, QuantizedTensor, VectorLutFormat, p
 from anepack.source.config import Gemma3Config, Gemma4Config, LlamaConfig, ModelConfig
 from anepack.source.fingerprint import file_fingerprint
 from anepack.source.gguf_file import GGUFFile
-from anepack.source.weights import EMBEDDING, LM_HEAD, stored_name
+from anepack.source.weights import EMBEDDING, LM_HEAD, PER_LAYER_EMBEDDING, stored_name
 from anepack.validate.weights import RecipeWeights, one_scale_per_tensor
 
 # Every MIL op type a shard contains; the interpreter and the lint rely on this list.
@@ -93,6 +94,7 @@ MAX_VOCAB_CHUNK = 16384  # ANE limit for every dimension but N and C
 DEFAULT_ALPHA_MARGIN = 4.0
 FUNCTIONS = ("prefill", "decode")
 EMBEDDINGS_FILE = "embeddings.npy"
+PER_LAYER_EMBEDDINGS_FILE = "per_layer_embeddings.npy"
 FLOAT16 = parse_format("fp16")
 # Part of every build key: bump when a graph changes, so resumed builds do not reuse old shards.
 GRAPH_VERSION = 1
@@ -291,6 +293,7 @@ class Graph:
         self.residual_eps = max(float(_fp16(config.rms_eps * alpha * alpha)), FP16_TINY)
         self.inputs: dict[str, Var] = {}
         self.new_cache: dict[int, tuple[Var, Var]] = {}  # layer -> (k_new, v_new) outputs
+        self._gains: dict[tuple[str, float], Var] = {}
 
     def weight(self, tensor: str, name: str, rows: tuple[int, int] | None) -> Var:
         if (tensor, rows) not in self.stored:
@@ -298,11 +301,14 @@ class Graph:
         return emit_weight(self.stored[tensor, rows], name)
 
     def gain(self, tensor: str, scale: float = 1.0) -> Var:
-        """A norm gain as an fp16 const, times ``scale`` in float32 before the one rounding."""
-        values = (self.weights.exact(tensor) * np.float32(scale)).astype(np.float16)
-        const = mb.const(val=values, name=mil_name(tensor))
-        const.op.weight_id = const.name
-        return const
+        """A norm gain as an fp16 const, times ``scale`` in float32 before the one rounding (one
+        const per function, however many layers read it)."""
+        if (tensor, scale) not in self._gains:
+            values = (self.weights.exact(tensor) * np.float32(scale)).astype(np.float16)
+            const = mb.const(val=values, name=mil_name(tensor))
+            const.op.weight_id = const.name
+            self._gains[tensor, scale] = const
+        return self._gains[tensor, scale]
 
     def linear(self, x: Var, tensor: str, name: str, rows: tuple[int, int] | None = None) -> Var:
         weight_name = mil_name(tensor) if rows is None else f"{mil_name(tensor)}_{rows[0]}_{rows[1]}"
@@ -360,17 +366,28 @@ class Graph:
             x=mb.mul(x=x, y=cos, name=f"{name}_cos"), y=mb.mul(x=swapped, y=sin, name=f"{name}_sin"), name=name
         )
 
-    def attention(self, il: int, q: Var, k: Var, v: Var, prefix: str) -> Var:
+    def attention(self, il: int, q: Var, k: Var | None, v: Var | None, prefix: str) -> Var:
         """Grouped-query attention of ``q [1, T, H, d]`` over the cache and the chunk's ``k, v
-        [1, T, Hkv, d]``; emits ``k_new_<il>``, ``v_new_<il>`` and returns ``[1, T, H * d]``."""
+        [1, T, Hkv, d]``; emits ``k_new_<il>``, ``v_new_<il>`` and returns ``[1, T, H * d]``.
+
+        A layer that reuses another's keys and values (``k``, ``v`` None) attends to that
+        layer's cache and its keys of this call: built in this function, or (the source ran in
+        an earlier package) the inputs ``k_shared_<source>``, ``v_shared_<source>``."""
         tokens = self.tokens
-        n_head, n_kv, head_dim = self.arch.attention_dims(self.config, il)
+        source = kv_source(self.config, il)
+        n_head, _, _ = self.arch.attention_dims(self.config, il)
+        _, n_kv, head_dim = self.arch.attention_dims(self.config, source)
         group, keys_total = n_head // n_kv, self.context + tokens
-        k_new = mb.transpose(x=k, perm=[0, 2, 1, 3], name=f"k_new_{il}")
-        v_new = mb.transpose(x=v, perm=[0, 2, 1, 3], name=f"v_new_{il}")
-        self.new_cache[il] = (k_new, v_new)
-        keys = mb.concat(values=[self.inputs[f"k_cache_{il}"], k_new], axis=2, name=f"{prefix}keys")
-        values = mb.concat(values=[self.inputs[f"v_cache_{il}"], v_new], axis=2, name=f"{prefix}values")
+        if source == il:
+            k_new = mb.transpose(x=k, perm=[0, 2, 1, 3], name=f"k_new_{il}")
+            v_new = mb.transpose(x=v, perm=[0, 2, 1, 3], name=f"v_new_{il}")
+            self.new_cache[il] = (k_new, v_new)
+        elif source in self.new_cache:
+            k_new, v_new = self.new_cache[source]
+        else:
+            k_new, v_new = self.inputs[f"k_shared_{source}"], self.inputs[f"v_shared_{source}"]
+        keys = mb.concat(values=[self.inputs[f"k_cache_{source}"], k_new], axis=2, name=f"{prefix}keys")
+        values = mb.concat(values=[self.inputs[f"v_cache_{source}"], v_new], axis=2, name=f"{prefix}values")
         # Query heads h = kv * group + g line up under their shared key/value head.
         queries = mb.transpose(x=q, perm=[0, 2, 1, 3], name=f"{prefix}q_heads_first")
         queries = mb.reshape(x=queries, shape=[1, n_kv, group * tokens, head_dim], name=f"{prefix}q_grouped")
@@ -491,6 +508,22 @@ def moe_layers(config: ModelConfig) -> tuple[bool, ...]:
     return architecture(config).moe_layers(config)
 
 
+def kv_source(config: ModelConfig, il: int) -> int:
+    """The layer whose keys and values layer ``il`` attends to: itself, or for Gemma 4 E2B/E4B's
+    KV-shared layers an earlier layer of the same kind."""
+    return config.kv_source(il) if isinstance(config, Gemma4Config) else il
+
+
+def kv_layers(config: ModelConfig) -> list[int]:
+    """The layers with a KV cache of their own."""
+    return [il for il in range(config.n_layers) if kv_source(config, il) == il]
+
+
+def per_layer_width(config: ModelConfig) -> int:
+    """Gemma 4 E2B/E4B's per-layer input width; 0 for models without per-layer embeddings."""
+    return config.n_embd_per_layer if isinstance(config, Gemma4Config) else 0
+
+
 def cache_shape(config: ModelConfig, il: int, length: int) -> tuple[int, int, int, int]:
     """``[1, KV heads, length, head size]`` of layer ``il``'s keys or values."""
     _, n_kv, head_dim = architecture(config).attention_dims(config, il)
@@ -510,10 +543,6 @@ def check_supported(config: ModelConfig, path: str | Path | None = None) -> None
     arch = architecture(config)
     if arch.neox and any(v.n_rot != v.head_dim for v in arch.variants(config)):
         raise UnsupportedModelError(path, "partial NEOX RoPE (rope dimension below the head size) has no Core ML graph yet")
-    if isinstance(config, Gemma4Config) and (config.n_embd_per_layer or config.n_kv_shared_layers):
-        raise UnsupportedModelError(
-            path, "Gemma 4 per-layer embeddings and KV sharing (E2B/E4B) have no Core ML shards yet"
-        )
 
 
 # ---------------------------------------------------------------------------------------
@@ -561,7 +590,8 @@ def plan_tensors(config: ModelConfig, plan: ShardPlan) -> list[str]:
         return moe.expert_banks(config, plan.layers[0])
     opening = [] if plan.moe_in is None else moe.combine_tensors(config, plan.moe_in)
     if plan.kind == "layers":
-        return opening + [name for il in plan.layers for name in _layer_tensors(config, il)]
+        per_layer = [PER_LAYER_PROJECTION, PER_LAYER_NORM] if per_layer_width(config) else []
+        return opening + [name for il in plan.layers for name in _layer_tensors(config, il)] + per_layer
     return opening + _head_tensors()
 
 
@@ -605,11 +635,23 @@ def plan_shards(config: ModelConfig, gguf: GGUFFile, weights: RecipeWeights, max
     def opening_bytes(moe_in: int | None) -> int:
         return 0 if moe_in is None else sum(tensor_bytes(name) for name in moe.combine_tensors(config, moe_in))
 
+    # E2B/E4B: each layer's rows of the per-layer projection live with the layer (and the norm
+    # gain once per package, within the rounding of the budget)
+    per_layer = per_layer_width(config)
+    per_layer_bytes = 0
+    if per_layer:
+        projection = tensor_format(weights, PER_LAYER_PROJECTION)
+        if per_layer % _row_block(projection):
+            raise AnepackError(None, f"{PER_LAYER_PROJECTION} in {projection.spec} cannot be cut into the "
+                                     f"{per_layer}-row slices of single layers")
+        per_layer_bytes = _stored_bytes(projection, (per_layer, config.n_embd)) + tensor_bytes(PER_LAYER_NORM)
+
     digits = max(2, len(str(config.n_layers - 1)))
     groups: list[list[int]] = []
     used = 0
     for il in range(config.n_layers):
-        size = sum(tensor_bytes(name) for name in _layer_tensors(config, il)) + opening_bytes(opening(il))
+        size = (sum(tensor_bytes(name) for name in _layer_tensors(config, il)) + opening_bytes(opening(il))
+                + per_layer_bytes)
         if size > max_bytes:
             raise AnepackError(None, f"layer {il} needs {size / 2**20:.1f} MB, more than the shard budget")
         if groups and opening(il) is None and used + size <= max_bytes:
@@ -685,22 +727,32 @@ def function_io(config: ModelConfig, plan: ShardPlan, tokens: int, context: int)
         )
         return FunctionSpec(tuple(boundary), outputs)
     variants = architecture(config).variants(config)
-    inputs = boundary
+    per_layer = per_layer_width(config)
+    inputs = boundary + ([TensorSpec(EMBEDDED, width)] if per_layer else [])
     for variant in _distinct(tuple(variants[il] for il in plan.layers)):
         inputs += [
             TensorSpec(f"cos_{variant.name}", (tokens, variant.head_dim)),
             TensorSpec(f"sin_{variant.name}", (tokens, variant.head_dim)),
             TensorSpec(f"mask_{variant.name}", (tokens, context + tokens)),
         ]
+    if per_layer:
+        inputs += [TensorSpec(f"per_layer_{il}", (1, tokens, per_layer)) for il in plan.layers]
     if moe_layers(config)[plan.layers[-1]]:
         *trunk, logits = moe.TRUNK_OUTPUTS
         outputs = [TensorSpec(name, width) for name in trunk] + [TensorSpec(logits, (1, tokens, config.n_expert))]
     else:
         outputs = [TensorSpec("hidden_out", width)]
     for il in plan.layers:
-        cache, new = cache_shape(config, il, context), cache_shape(config, il, tokens)
-        inputs += [TensorSpec(f"k_cache_{il}", cache), TensorSpec(f"v_cache_{il}", cache)]
-        outputs += [TensorSpec(f"k_new_{il}", new), TensorSpec(f"v_new_{il}", new)]
+        if kv_source(config, il) == il:
+            cache, new = cache_shape(config, il, context), cache_shape(config, il, tokens)
+            inputs += [TensorSpec(f"k_cache_{il}", cache), TensorSpec(f"v_cache_{il}", cache)]
+            outputs += [TensorSpec(f"k_new_{il}", new), TensorSpec(f"v_new_{il}", new)]
+    # KV-shared layers whose source ran in an earlier package: its cache and its keys of this call
+    for source in dict.fromkeys(kv_source(config, il) for il in plan.layers):
+        if source not in plan.layers:
+            cache, new = cache_shape(config, source, context), cache_shape(config, source, tokens)
+            inputs += [TensorSpec(f"k_cache_{source}", cache), TensorSpec(f"v_cache_{source}", cache),
+                       TensorSpec(f"k_shared_{source}", new), TensorSpec(f"v_shared_{source}", new)]
     return FunctionSpec(tuple(inputs), tuple(outputs))
 
 
@@ -752,7 +804,7 @@ def _layers(g: Graph, plan: ShardPlan) -> list[Var]:
         else:
             hidden = g.arch.layer(g, il, hidden, "hidden_out" if il == plan.layers[-1] else f"blk_{il}_out")
             boundary = [hidden]
-    return boundary + [var for il in plan.layers for var in g.new_cache[il]]
+    return boundary + [var for il in plan.layers if il in g.new_cache for var in g.new_cache[il]]
 
 
 def _head(g: Graph, plan: ShardPlan) -> list[Var]:
@@ -803,34 +855,45 @@ def _build_key(common: dict, plan: ShardPlan, config: ModelConfig, weights: Reci
     return _digest({**common, "plan": asdict(plan), "tensors": tensors})
 
 
-def _embedding_table(gguf: GGUFFile, config: ModelConfig, alpha: float) -> np.ndarray:
-    """The host table, float16, filled a block of rows at a time (a real vocabulary is gigabytes
-    as float32)."""
-    scale = np.float32(architecture(config).embed_scale(config))
-    source = stored_name(gguf, EMBEDDING)
-    table = np.empty((config.vocab_size, config.n_embd), np.float16)
-    for start in range(0, config.vocab_size, _ROW_BLOCK):
-        scaled = gguf.rows(source, start, start + _ROW_BLOCK) * scale
-        scaled *= np.float32(alpha)
+def _scaled_rows(gguf: GGUFFile, tensor: str, scale: float, what: str):
+    """A vocabulary table's rows times ``scale`` as float16, a block of rows at a time
+    (``(start, rows)``): a real table is gigabytes as float32."""
+    for start in range(0, gguf.info(tensor).shape[0], _ROW_BLOCK):
+        scaled = gguf.rows(tensor, start, start + _ROW_BLOCK) * np.float32(scale)
         peak = float(np.abs(scaled).max(initial=0.0))
         if peak > FP16_MAX:
-            raise AnepackError(gguf.path, f"embeddings times alpha reach {peak:.0f}, beyond fp16; choose a smaller alpha")
-        table[start:start + len(scaled)] = scaled
-    return table
+            raise AnepackError(gguf.path, f"{what} reach {peak:.0f}, beyond fp16")
+        yield start, scaled.astype(np.float16)
 
 
-def _write_embeddings(path: Path, table: np.ndarray, resume: bool) -> bool:
-    """Write the table unless an identical file is already there; True when written."""
+def _write_host_table(path: Path, shape: tuple[int, int], blocks, resume: bool) -> bool:
+    """Write a float16 ``.npy`` table from ``(start, rows)`` blocks through a memory map (never
+    whole in memory), unless an identical file is already there; True when written."""
     partial = temporary_path(path)
     try:
-        with open(partial, "wb") as handle:
-            np.save(handle, table, allow_pickle=False)
+        table = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=shape)
+        for start, rows in blocks:
+            table[start:start + len(rows)] = rows
+        table.flush()
+        del table
         if resume and path.is_file() and filecmp.cmp(partial, path, shallow=False):
             return False
         os.replace(partial, path)
         return True
     finally:
         partial.unlink(missing_ok=True)
+
+
+def _host_tables(gguf: GGUFFile, config: ModelConfig, alpha: float) -> dict[str, tuple]:
+    """The host tables to write: file -> (source tensor, scale, what overflowing would be)."""
+    embed_scale = float(np.float32(architecture(config).embed_scale(config)) * np.float32(alpha))
+    tables = {EMBEDDINGS_FILE: (stored_name(gguf, EMBEDDING), embed_scale,
+                                "embeddings times alpha (choose a smaller alpha)")}
+    if per_layer_width(config):
+        # the per-layer rows are scaled by sqrt(n_embd_per_layer) and do not join the residual stream
+        tables[PER_LAYER_EMBEDDINGS_FILE] = (PER_LAYER_EMBEDDING, math.sqrt(per_layer_width(config)),
+                                             "per-layer embeddings")
+    return tables
 
 
 def _weight_formats(
@@ -931,16 +994,16 @@ def build_shards(
     }
     total = len(plans) + 1
 
-    embeddings_path = out / EMBEDDINGS_FILE
-    table = _embedding_table(gguf, config, alpha)
-    written = _write_embeddings(embeddings_path, table, resume)
-    embeddings = ShardEntry(
-        file=EMBEDDINGS_FILE, kind="embeddings", bytes=size_bytes(embeddings_path),
-        sha256=content_hash(embeddings_path), build_key=_digest({**common, "embeddings": EMBEDDING}),
-    )
-    del table
-    if progress is not None:
-        progress(BuildStep(EMBEDDINGS_FILE, 0, total, written))
+    host_tables = {}
+    for file, (tensor, scale, what) in _host_tables(gguf, config, alpha).items():
+        path = out / file
+        written = _write_host_table(path, gguf.info(tensor).shape, _scaled_rows(gguf, tensor, scale, what), resume)
+        host_tables[file] = ShardEntry(
+            file=file, kind="embeddings", bytes=size_bytes(path), sha256=content_hash(path),
+            build_key=_digest({**common, "embeddings": tensor}),
+        )
+        if progress is not None:
+            progress(BuildStep(file, 0, total, written))
 
     entries = []
     for index, plan in enumerate(plans, start=1):
@@ -980,12 +1043,13 @@ def build_shards(
         chunk=chunk,
         context=context,
         max_shard_mb=max_shard_mb,
-        embeddings=embeddings,
+        embeddings=host_tables[EMBEDDINGS_FILE],
         shards=tuple(entries),
         weights=_weight_formats(config, gguf, weights, plans),
         validation=dict(validation or {}),
         rope_freqs=_rope_freqs(config, weights),
         expert_down_scales=_expert_down_scales(config, weights),
+        per_layer_embeddings=host_tables.get(PER_LAYER_EMBEDDINGS_FILE),
     )
     write_manifest(manifest, out)
     return manifest

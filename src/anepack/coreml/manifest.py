@@ -91,6 +91,8 @@ class Manifest:
     # per MoE layer, the ffn_down_exps.scale factor of each expert (applied in float32).
     rope_freqs: tuple[float, ...] | None = None
     expert_down_scales: dict[int, tuple[float, ...]] = field(default_factory=dict)
+    # Gemma 4 E2B/E4B: the host table of per-layer token embeddings.
+    per_layer_embeddings: ShardEntry | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
@@ -152,6 +154,8 @@ def read_manifest(out_dir: Path) -> Manifest:
             expert_down_scales={
                 int(layer): tuple(scales) for layer, scales in data.get("expert_down_scales", {}).items()
             },
+            per_layer_embeddings=None if data.get("per_layer_embeddings") is None
+            else _entry(data["per_layer_embeddings"]),
         )
     except (KeyError, TypeError) as err:
         raise AnepackError(path, f"manifest is missing or mistypes {err}") from None

@@ -14,6 +14,13 @@ of experts happens, since an ANE graph is static:
 
 The host does the softmax, top-k, renormalization and ``ffn_down_exps.scale`` in float32
 (``anepack.runtime.shards``), exactly as ``anepack.reference.gemma4``.
+
+The on-device E2B/E4B models add two things. Per-layer embeddings: each layer's per-layer input
+is its rows of ``per_layer_model_proj`` applied to the token embeddings (input ``embedded``),
+normed, plus the host's rows of the per-layer token table (``per_layer_<il>``); after the FFN
+residual a gated branch adds ``post_norm(proj(gelu(inp_gate x) * per_layer_input))``. KV
+sharing: the last layers project only queries and attend to an earlier layer's keys and values
+(``Graph.attention``; docs/coreml-shards.md).
 """
 
 from __future__ import annotations
@@ -34,6 +41,11 @@ from anepack.validate.weights import RecipeWeights, expert_of
 TRUNK_OUTPUTS = ("residual", "dense", "expert_in", "router_logits")
 COMBINE_INPUTS = ("residual", "dense", "routed")
 EXPERT_INPUT, EXPERT_OUTPUT = "expert_in", "expert_out"
+# Gemma 4 E2B/E4B: every layers package reads the token embeddings (times alpha) to project its
+# layers' per-layer inputs, beside the host's per-layer token rows of each layer (``per_layer_<il>``).
+EMBEDDED = "embedded"
+PER_LAYER_PROJECTION = "per_layer_model_proj.weight"
+PER_LAYER_NORM = "per_layer_proj_norm.weight"
 
 
 def expert_function(expert: int, mode: str) -> str:
@@ -85,21 +97,24 @@ def stored_expert(weights: RecipeWeights, bank: str, index: int) -> QuantizedTen
 
 def attention_block(g, il: int, hidden: Var, name: str) -> Var:
     """Attention of Gemma 4 layer ``il`` added to the residual stream: q/k norms, no query
-    scaling, weightless V norm, V from K's projection on layers without ``attn_v``."""
+    scaling, weightless V norm, V from K's projection on layers without ``attn_v``; a KV-shared
+    layer (E2B/E4B) projects only its queries and attends to its source layer's keys and values."""
     cfg, p = g.config, f"blk_{il}_"
     n_head, n_kv, head_dim = g.arch.attention_dims(cfg, il)
     x = g.rms_norm(hidden, g.gain(f"blk.{il}.attn_norm.weight"), g.residual_eps, f"{p}attn_norm")
     q = g.heads(g.linear(x, f"blk.{il}.attn_q.weight", f"{p}q"), n_head, head_dim, f"{p}q_split")
     q = g.rms_norm(q, g.gain(f"blk.{il}.attn_q_norm.weight"), cfg.rms_eps, f"{p}q_norm")
     q = g.rope(q, il, f"{p}q_rope")
-    k = g.heads(g.linear(x, f"blk.{il}.attn_k.weight", f"{p}k"), n_kv, head_dim, f"{p}k_split")
-    if cfg.value_projections[il]:
-        v = g.heads(g.linear(x, f"blk.{il}.attn_v.weight", f"{p}v"), n_kv, head_dim, f"{p}v_split")
-    else:
-        v = k
-    v = g.rms_norm(v, None, cfg.rms_eps, f"{p}v_norm")
-    k = g.rms_norm(k, g.gain(f"blk.{il}.attn_k_norm.weight"), cfg.rms_eps, f"{p}k_norm")
-    k = g.rope(k, il, f"{p}k_rope")
+    k = v = None
+    if cfg.has_kv(il):
+        k = g.heads(g.linear(x, f"blk.{il}.attn_k.weight", f"{p}k"), n_kv, head_dim, f"{p}k_split")
+        if cfg.value_projections[il]:
+            v = g.heads(g.linear(x, f"blk.{il}.attn_v.weight", f"{p}v"), n_kv, head_dim, f"{p}v_split")
+        else:
+            v = k
+        v = g.rms_norm(v, None, cfg.rms_eps, f"{p}v_norm")
+        k = g.rms_norm(k, g.gain(f"blk.{il}.attn_k_norm.weight"), cfg.rms_eps, f"{p}k_norm")
+        k = g.rope(k, il, f"{p}k_rope")
     attn = g.linear(g.attention(il, q, k, v, p), f"blk.{il}.attn_output.weight", f"{p}attn_output")
     # Post-norms feed the residual adds: their gains carry alpha.
     post_gain = g.gain(f"blk.{il}.post_attention_norm.weight", g.alpha)
@@ -113,13 +128,44 @@ def _dense_branch(g, il: int, residual: Var) -> Var:
 
 
 def _ffn_tail(g, il: int, residual: Var, ffn: Var, out_name: str) -> Var:
-    """``post_ffw_norm``, the residual add and ``layer_output_scale``."""
+    """``post_ffw_norm``, the residual add, the per-layer embedding branch (E2B/E4B) and
+    ``layer_output_scale``."""
     cfg, p = g.config, f"blk_{il}_"
     ffn = g.rms_norm(ffn, g.gain(f"blk.{il}.post_ffw_norm.weight", g.alpha), cfg.rms_eps, f"{p}post_ffw_norm")
-    if not cfg.output_scales[il]:
-        return mb.add(x=residual, y=ffn, name=out_name)
-    out = mb.add(x=residual, y=ffn, name=f"{p}ffn_residual")
-    return mb.mul(x=out, y=g.gain(f"blk.{il}.layer_output_scale.weight"), name=out_name)
+    per_layer, scaled = bool(cfg.n_embd_per_layer), cfg.output_scales[il]
+    out = mb.add(x=residual, y=ffn, name=f"{p}ffn_residual" if per_layer or scaled else out_name)
+    if per_layer:
+        out = mb.add(x=out, y=_per_layer_branch(g, il, out), name=f"{p}per_layer_residual" if scaled else out_name)
+    if scaled:
+        out = mb.mul(x=out, y=g.gain(f"blk.{il}.layer_output_scale.weight"), name=out_name)
+    return out
+
+
+def _per_layer_input(g, il: int) -> Var:
+    """Layer ``il``'s per-layer input ``[1, T, n_embd_per_layer]``: its rows of the projection of
+    the token embeddings, normed, plus the host's per-layer token rows, over sqrt(2)."""
+    cfg, p = g.config, f"blk_{il}_"
+    width = cfg.n_embd_per_layer
+    projected = g.linear(g.inputs[EMBEDDED], PER_LAYER_PROJECTION, f"{p}per_layer_projected",
+                         (il * width, (il + 1) * width))
+    projected = mb.mul(x=projected, y=np.float16(1.0 / math.sqrt(cfg.n_embd)), name=f"{p}per_layer_projected_scaled")
+    # the embeddings carry alpha, and so does the projection: the norm's epsilon scales with it
+    normed = g.rms_norm(projected, g.gain(PER_LAYER_NORM), g.residual_eps, f"{p}per_layer_projected_norm")
+    summed = mb.add(x=normed, y=g.inputs[f"per_layer_{il}"], name=f"{p}per_layer_summed")
+    return mb.mul(x=summed, y=np.float16(1.0 / math.sqrt(2.0)), name=f"{p}per_layer_input")
+
+
+def _per_layer_branch(g, il: int, hidden: Var) -> Var:
+    """``post_norm(proj(gelu_tanh(inp_gate(x)) * per_layer_input))`` of the residual stream ``x``."""
+    cfg, p = g.config, f"blk_{il}_"
+    gate = g.linear(hidden, f"blk.{il}.inp_gate.weight", f"{p}inp_gate")
+    if g.alpha != 1.0:  # GELU is not linear: the gate must see x, not alpha * x (alpha: a power of two)
+        gate = mb.mul(x=gate, y=np.float16(1.0 / g.alpha), name=f"{p}inp_gate_unscaled")
+    gelu = mb.gelu(x=gate, mode="TANH_APPROXIMATION", name=f"{p}per_layer_gelu")
+    gated = mb.mul(x=gelu, y=_per_layer_input(g, il), name=f"{p}per_layer_gated")
+    projected = g.linear(gated, f"blk.{il}.proj.weight", f"{p}per_layer_proj")
+    # the post-norm feeds the residual add: its gain carries alpha
+    return g.rms_norm(projected, g.gain(f"blk.{il}.post_norm.weight", g.alpha), cfg.rms_eps, f"{p}per_layer_post_norm")
 
 
 def gemma4_layer(g, il: int, hidden: Var, out_name: str) -> Var:

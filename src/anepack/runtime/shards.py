@@ -17,6 +17,11 @@ experts, top-k, renormalized, times ``ffn_down_exps.scale``, in float32 as the r
 each chosen expert's function on the tokens routed to it, sums their weighted outputs and hands
 the sum to the next package, which opens with the layer's combine (docs/moe-shards.md).
 
+Gemma 4 E2B/E4B: the host also reads each token's row of the per-layer embedding table and hands
+every layers package the token embeddings and its layers' per-layer rows; a KV-shared layer in a
+later package gets its source layer's keys and values of the call as they came out of the source's
+package (docs/moe-shards.md).
+
 ``prompt_logits`` runs several prompts together, package by package: every chunk of every
 prompt through one package before the next, each prompt with its own cache. An MoE layer's
 expert then runs once on every token routed to it from any prompt, so the MIL interpreter
@@ -31,7 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from anepack.coreml import moe
-from anepack.coreml.builder import MASK_HIDDEN, cache_shape, host_inputs, moe_layers
+from anepack.coreml.moe import EMBEDDED
+from anepack.coreml.builder import MASK_HIDDEN, cache_shape, host_inputs, kv_layers, moe_layers, per_layer_width
 from anepack.coreml.manifest import ShardEntry, read_manifest
 from anepack.errors import AnepackError
 from anepack.reference.gemma4 import Router, own_routing
@@ -59,7 +65,13 @@ class ShardRuntime:
                                              f"the manifest {self.manifest.architecture}")
         self.chunk = self.manifest.chunk
         self.context = self.manifest.context
-        self.embeddings = self._embedding_table()
+        self.embeddings = self._host_table(self.manifest.embeddings, self.config.n_embd)
+        self.per_layer_embeddings = None  # Gemma 4 E2B/E4B: [vocab, n_layers * n_embd_per_layer]
+        if per_layer_width(self.config):
+            if self.manifest.per_layer_embeddings is None:
+                raise AnepackError(self.out_dir, "the manifest lists no per-layer embedding table")
+            self.per_layer_embeddings = self._host_table(
+                self.manifest.per_layer_embeddings, self.config.n_layers * per_layer_width(self.config))
         layer_entries = sorted((e for e in self.manifest.shards if e.kind == "layers"), key=lambda e: e.layers[0])
         head_entries = sorted((e for e in self.manifest.shards if e.kind == "head"), key=lambda e: e.vocab[0])
         self._check_coverage(layer_entries, head_entries)
@@ -114,13 +126,13 @@ class ShardRuntime:
 
     # --- internals -------------------------------------------------------------------
 
-    def _embedding_table(self) -> np.ndarray:
-        path = self.out_dir / self.manifest.embeddings.file
+    def _host_table(self, entry: ShardEntry, width: int) -> np.ndarray:
+        path = self.out_dir / entry.file
         try:
             table = np.load(path, mmap_mode="r", allow_pickle=False)  # rows are read on lookup only
         except (OSError, ValueError) as err:
             raise AnepackError(path, f"unreadable embedding table ({err})") from None
-        expected = (self.config.vocab_size, self.config.n_embd)
+        expected = (self.config.vocab_size, width)
         if table.shape != expected or table.dtype != np.float16:
             raise AnepackError(path, f"embedding table is {table.dtype} {table.shape}, expected float16 {expected}")
         return table
@@ -161,7 +173,7 @@ class ShardRuntime:
     def _empty_cache(self) -> dict[str, np.ndarray]:
         return {
             f"{kind}_cache_{il}": np.zeros(cache_shape(self.config, il, self.context), np.float16)
-            for il in range(self.config.n_layers) for kind in ("k", "v")
+            for il in kv_layers(self.config) for kind in ("k", "v")
         }
 
     def _chunks(self, tokens: np.ndarray, start: int, cache: dict, router: Router) -> list[_Chunk]:
@@ -181,17 +193,20 @@ class ShardRuntime:
             # Padding repeats the last real token: in-range activations, so the padded keys the
             # mask hides stay finite (a NaN key would poison the masked scores anyway).
             padded = np.concatenate([chunk.tokens, np.full(width - count, chunk.tokens[-1])])
-            boundaries.append({"hidden": np.asarray(self.embeddings[padded], dtype=np.float16)[None]})
-            host.append(self._host_inputs(chunk.start, count, width))
+            embedded = np.asarray(self.embeddings[padded], dtype=np.float16)[None]
+            boundaries.append({"hidden": embedded})
+            host.append(self._host_inputs(chunk.start, count, width) | self._per_layer_inputs(padded, embedded))
         for entry, shard in self._layers:
             trunks = []
             for chunk, boundary, inputs in zip(chunks, boundaries, host):
                 outputs = self._run(entry, shard, chunk.function, {**inputs, **chunk.cache, **boundary})
                 count = len(chunk.tokens)
-                for il in entry.layers:
-                    for kind in ("k", "v"):
-                        new = outputs.pop(f"{kind}_new_{il}")
-                        chunk.cache[f"{kind}_cache_{il}"][:, :, chunk.start:chunk.start + count] = new[:, :, :count]
+                for name in [name for name in outputs if name.startswith(("k_new_", "v_new_"))]:
+                    kind, il = name[0], name.rsplit("_", 1)[1]
+                    new = outputs.pop(name)
+                    chunk.cache[f"{kind}_cache_{il}"][:, :, chunk.start:chunk.start + count] = new[:, :, :count]
+                    # a KV-shared layer in a later package reads the call's keys as they came out
+                    inputs[f"{kind}_shared_{il}"] = new
                 trunks.append(outputs)
             last = entry.layers[-1]
             if self._routed[last]:
@@ -265,6 +280,14 @@ class ShardRuntime:
             raise AnepackError(self.out_dir / entry.file, f"function {function} wants input {missing[0]}, "
                                                           "which the runtime does not provide")
         return shard.run(function, {spec.name: available[spec.name] for spec in specs.inputs})
+
+    def _per_layer_inputs(self, padded: np.ndarray, embedded: np.ndarray) -> dict[str, np.ndarray]:
+        """E2B/E4B: the token embeddings and each layer's per-layer token rows ``[1, width, n]``."""
+        if self.per_layer_embeddings is None:
+            return {}
+        rows = np.asarray(self.per_layer_embeddings[padded], dtype=np.float16)
+        rows = rows.reshape(len(padded), self.config.n_layers, per_layer_width(self.config))
+        return {EMBEDDED: embedded} | {f"per_layer_{il}": rows[None, :, il] for il in range(self.config.n_layers)}
 
     def _host_inputs(self, start: int, count: int, width: int) -> dict[str, np.ndarray]:
         """RoPE tables and masks for ``count`` real tokens at ``start``, padded to ``width`` rows."""
