@@ -108,6 +108,28 @@ def test_synthetic_model_matches_llamacpp_exactly(tmp_path, arch):
             np.testing.assert_array_equal(logits.argmax(-1), expected[name].argmax(-1))
 
 
+def test_llama3_rope_factors_match_llamacpp(tmp_path):
+    """Llama 3.1+'s rope_freqs (factors 1, 2.44, then 8 on the synthetic model's 16 pairs): the
+    reference matches llama.cpp, and the same reference without the factors does not (so the
+    prompt is long enough for them to matter)."""
+    import dataclasses
+
+    path = write_synthetic_gguf(tmp_path / "llama3.gguf", "llama", layers=4, seed=4, llama3_rope=True)
+    tokens = {"ids": np.random.default_rng(1).integers(0, 2048, 64)}
+    expected = referee_logits(path, tokens)["ids"]
+    with open_gguf(path) as gguf:
+        assert gguf.config.rope_freqs
+        factors = gguf.tensor("rope_freqs.weight")
+        assert factors.min() == 1.0 and factors.max() == 8.0
+        weights = source_weights(gguf)
+        logits = build(gguf.config, weights).forward(tokens["ids"]).logits
+        cosine = rowwise_cosine(expected, logits)
+        assert cosine.min() >= EXACT_COSINE, cosine.round(6)
+        np.testing.assert_array_equal(logits.argmax(-1), expected.argmax(-1))
+        unscaled = dataclasses.replace(gguf.config, rope_freqs=False)
+        assert rowwise_cosine(expected, build(unscaled, weights).forward(tokens["ids"]).logits).min() < 0.99
+
+
 def test_fp16_mode_reports_gemma_residual_overflow(default_model, default_tokens, default_results):
     exact = default_results["short"]
     # The float32 weights already loaded, rounded to float16 by the fp16 model itself

@@ -92,9 +92,12 @@ def gemma(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
+    """A synthetic Llama 3.1+ (per-pair RoPE factors, which turn several pairs' angles within these
+    prompts; tests/test_reference.py shows they matter) built into shards, and its reference."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(builder, "MAX_VOCAB_CHUNK", LLAMA_VOCAB_CHUNK)
-        return _built(tmp_path_factory.mktemp("runtime-llama"), "llama", LLAMA_RECIPE, LLAMA_BUILD, 32, layers=2)
+        return _built(tmp_path_factory.mktemp("runtime-llama"), "llama", LLAMA_RECIPE, LLAMA_BUILD, 32, layers=2,
+                      llama3_rope=True)
 
 
 @pytest.fixture(params=["gemma", "llama"])

@@ -322,7 +322,8 @@ class Gemma3Dims:
 
 @dataclass(frozen=True)
 class LlamaDims:
-    """A small Llama: GQA, NORM-style RoPE with `rope_freq_base`, SwiGLU, untied LM head by default."""
+    """A small Llama: GQA, NORM-style RoPE with `rope_freq_base`, SwiGLU, untied LM head by default;
+    with `llama3_rope`, Llama 3.1's per-pair RoPE factors (`rope_freqs`) for a short original context."""
 
     ARCH: ClassVar[str] = "llama"
     TOKENS: ClassVar[SpecialTokens] = SpecialTokens(
@@ -340,6 +341,7 @@ class LlamaDims:
     rope_freq_base: float = 500_000.0
     rms_eps: float = 1e-5
     tied_embeddings: bool = False
+    llama3_rope: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -370,6 +372,9 @@ class LlamaDims:
         ]
         if not self.tied_embeddings:
             plan.append(TensorPlan(_tensor_name(MODEL_TENSOR.OUTPUT), (self.n_vocab, embd), "linear", LOGIT_STD))
+        if self.llama3_rope:  # the sampler reads the RoPE base from the gain
+            plan.append(TensorPlan(_tensor_name(MODEL_TENSOR.ROPE_FREQS), (self.head_dim // 2,), "llama3_rope_freqs",
+                                   self.rope_freq_base))
         for il in range(self.n_layer):
             plan += [
                 TensorPlan(_tensor_name(MODEL_TENSOR.ATTN_NORM, il), (embd,), "norm"),
@@ -449,6 +454,9 @@ BIAS_UNITS = 64
 # The partial rotation of Gemma 4's global layers: llama.cpp's converter writes rope_freqs with
 # 1 for the pairs that rotate and this factor (angle / 1e30: no rotation) for the others.
 UNROTATED_FREQ_FACTOR = 1e30
+# Llama 3.1's RoPE factors are set for its 8192-token original context; the synthetic models' for
+# 64 tokens, so that on a 64-token prompt the factors change the angles of several pairs.
+LLAMA3_ORIGINAL_CONTEXT = 64.0
 
 
 @dataclass(frozen=True)
@@ -852,6 +860,18 @@ def _rope_freqs(rng: np.random.Generator, shape: tuple[int, ...], gain: float) -
     return np.concatenate([np.ones(rotated), np.full(shape[0] - rotated, UNROTATED_FREQ_FACTOR)])
 
 
+def _llama3_rope_freqs(rng: np.random.Generator, shape: tuple[int, ...], base: float) -> np.ndarray:
+    # Not random: Llama 3.1's factors as llama.cpp's converter computes them (factor 8, low and high
+    # frequency factors 1 and 4), for an original context of LLAMA3_ORIGINAL_CONTEXT tokens so that
+    # a short prompt already turns the pairs whose angles they divide.
+    n_rot = 2 * shape[0]
+    wavelengths = 2 * np.pi * base ** (np.arange(0, n_rot, 2, dtype=np.float64) / n_rot)
+    smooth = (LLAMA3_ORIGINAL_CONTEXT / wavelengths - 1.0) / (4.0 - 1.0)
+    factors = 1.0 / ((1.0 - smooth) / 8.0 + smooth)
+    high, low = LLAMA3_ORIGINAL_CONTEXT / 4.0, LLAMA3_ORIGINAL_CONTEXT / 1.0
+    return np.where(wavelengths < high, 1.0, np.where(wavelengths > low, 8.0, factors))
+
+
 def _input_norm(rng: np.random.Generator, shape: tuple[int, ...], gain: float) -> np.ndarray:
     # Gains of RMS `gain` that put most of the normed input's energy in a few channels.
     gains = np.exp(EXPERT_INPUT_GAIN_SPREAD * rng.standard_normal(shape))
@@ -859,7 +879,7 @@ def _input_norm(rng: np.random.Generator, shape: tuple[int, ...], gain: float) -
 
 
 SAMPLERS = {"linear": _linear, "embedding": _embedding, "mean_embedding": _mean_embedding, "norm": _norm,
-            "input_norm": _input_norm, "rope_freqs": _rope_freqs}
+            "input_norm": _input_norm, "rope_freqs": _rope_freqs, "llama3_rope_freqs": _llama3_rope_freqs}
 
 
 def _named_rng(name: str, seed: int, *stream: int) -> np.random.Generator:

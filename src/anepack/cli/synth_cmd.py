@@ -23,14 +23,15 @@ from anepack.synth import (
               help="gemma4: E2B-style per-layer embeddings and KV sharing.")
 @click.option("--dims", "variant", type=click.Choice(sorted(Gemma4Dims.PRESETS)), default=None,
               help="gemma4: named dimensions; 26b-a4b is the real model's (bf16 unless --type).")
+@click.option("--llama3-rope", is_flag=True, help="llama: Llama 3.1+'s per-pair RoPE factors (rope_freqs).")
 @click.option("--layers", type=int, default=None, help="Number of layers (default: the architecture's).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--type", "weight_type", type=click.Choice(list(WEIGHT_TYPES)), default=None,
               help="Storage type of the 2-D and expert weights; norms stay F32.  [default: f32]")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="GGUF file to write.")
 @json_option
-def synth(arch: str, moe: bool, per_layer: bool, variant: str | None, layers: int | None, seed: int,
-          weight_type: str | None, out: str, as_json: bool) -> None:
+def synth(arch: str, moe: bool, per_layer: bool, variant: str | None, llama3_rope: bool, layers: int | None,
+          seed: int, weight_type: str | None, out: str, as_json: bool) -> None:
     """Write a small, seeded GGUF model that llama.cpp can run."""
     if moe and variant is not None and preset(arch, variant, out)[0].get("n_expert"):
         moe = False  # named dimensions of an MoE model (26b-a4b): --moe says it again
@@ -39,6 +40,10 @@ def synth(arch: str, moe: bool, per_layer: bool, variant: str | None, layers: in
         raise click.UsageError("choose at most one of --moe, --per-layer-embeddings and --dims "
                                "(--moe goes with an MoE model's --dims)")
     dims, default_type = preset(arch, chosen[0], out) if chosen else ({}, "f32")
+    if llama3_rope:
+        if arch != "llama":
+            raise click.UsageError("--llama3-rope goes with --arch llama")
+        dims = dims | {"llama3_rope": True}
     weight_type = weight_type or default_type
     if as_json:
         path = write_synthetic_gguf(out, arch, layers=layers, seed=seed, weight_type=weight_type, **dims)

@@ -126,7 +126,7 @@ class AttentionVariant:
     """A kind of attention layer: its RoPE table and its mask (``window`` None: full causal).
 
     ``proportional``: every pair's angle is divided by the model's ``rope_freqs`` factor
-    (Gemma 4's global layers), which the host must be given.
+    (Gemma 4's global layers, Llama 3.1+), which the host must be given.
     """
 
     name: str
@@ -146,7 +146,8 @@ def _gemma3_variants(config: Gemma3Config) -> tuple[AttentionVariant, ...]:
 
 
 def _llama_variants(config: LlamaConfig) -> tuple[AttentionVariant, ...]:
-    full = AttentionVariant("global", config.rope_base, config.rope_freq_scale, None, config.head_dim, config.rope_dim)
+    full = AttentionVariant("global", config.rope_base, config.rope_freq_scale, None, config.head_dim, config.rope_dim,
+                            proportional=config.rope_freqs)
     return (full,) * config.n_layers
 
 

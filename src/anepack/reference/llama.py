@@ -1,7 +1,8 @@
 """Llama forward pass in numpy, following llama.cpp's ``src/models/llama.cpp`` step by step.
 
 Per layer: RMSNorm, Q/K/V, NORM RoPE (adjacent pairs: llama.cpp's converter permutes the Q/K
-rows of Hugging Face checkpoints so that this mode is the right one for GGUF weights), GQA
+rows of Hugging Face checkpoints so that this mode is the right one for GGUF weights; Llama 3.1+
+divides every pair's angle by its ``rope_freqs`` factor, as llama.cpp's ``ggml_rope_ext``), GQA
 attention scaled by 1/sqrt(head_dim), output projection, residual; RMSNorm, SiLU(gate) * up,
 down, residual. Output norm, then ``output.weight`` or the tied token embeddings.
 """
@@ -34,8 +35,11 @@ class Llama(ReferenceModel):
         q = r(self.linear(x, f"blk.{il}.attn_q.weight"), il, "q").reshape(n_tokens, cfg.n_head, hd)
         k = r(self.linear(x, f"blk.{il}.attn_k.weight"), il, "k").reshape(n_tokens, cfg.n_head_kv, hd)
         v = r(self.linear(x, f"blk.{il}.attn_v.weight"), il, "v").reshape(n_tokens, cfg.n_head_kv, hd)
-        q = r(rope(q, positions, cfg.rope_base, neox=False, n_rot=cfg.rope_dim, freq_scale=cfg.rope_freq_scale), il, "q_rope")
-        k = r(rope(k, positions, cfg.rope_base, neox=False, n_rot=cfg.rope_dim, freq_scale=cfg.rope_freq_scale), il, "k_rope")
+        factors = self.weight("rope_freqs.weight") if cfg.rope_freqs else None
+        q = r(rope(q, positions, cfg.rope_base, neox=False, n_rot=cfg.rope_dim, freq_scale=cfg.rope_freq_scale,
+                   freq_factors=factors), il, "q_rope")
+        k = r(rope(k, positions, cfg.rope_base, neox=False, n_rot=cfg.rope_dim, freq_scale=cfg.rope_freq_scale,
+                   freq_factors=factors), il, "k_rope")
 
         mixed = attention(q, k, v, attention_mask(positions, positions), 1.0 / math.sqrt(hd), self.precision, il)
         attn_out = r(self.linear(mixed, f"blk.{il}.attn_output.weight"), il, "attn_output")

@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class LlamaConfig:
-    """Llama-family decoder: RMSNorm, SiLU-gated MLP, GQA, NORM RoPE."""
+    """Llama-family decoder: RMSNorm, SiLU-gated MLP, GQA, NORM RoPE (Llama 3.1+: every pair's
+    angle divided by its ``rope_freqs`` factor)."""
 
     architecture: ClassVar[str] = "llama"
 
@@ -38,6 +39,7 @@ class LlamaConfig:
     rope_freq_scale: float
     context_length: int
     tied_embeddings: bool
+    rope_freqs: bool = False  # per-pair RoPE factors (``rope_freqs.weight``: Llama 3.1+'s long-context scaling)
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         shapes: dict[str, tuple[int, ...]] = {
@@ -46,6 +48,8 @@ class LlamaConfig:
         }
         if not self.tied_embeddings:
             shapes["output.weight"] = (self.vocab_size, self.n_embd)
+        if self.rope_freqs:
+            shapes["rope_freqs.weight"] = (self.rope_dim // 2,)
         for il in range(self.n_layers):
             shapes |= {
                 f"blk.{il}.attn_norm.weight": (self.n_embd,),
@@ -294,10 +298,6 @@ def _vocab_size(gguf: GGUFFile) -> int:
 
 def _parse_llama(gguf: GGUFFile) -> LlamaConfig:
     keys = _Keys(gguf, "llama")
-    if "rope_freqs.weight" in gguf.tensors:
-        raise UnsupportedModelError(
-            gguf.path, "per-frequency RoPE factors (rope_freqs.weight, Llama 3.1+) are not supported yet"
-        )
     n_embd = keys.get("embedding_length", int)
     n_head = keys.get("attention.head_count", int)
     head_dim = keys.get("attention.key_length", int, n_embd // n_head)
@@ -315,6 +315,7 @@ def _parse_llama(gguf: GGUFFile) -> LlamaConfig:
         rope_freq_scale=1.0 / _linear_rope_factor(gguf, keys),
         context_length=keys.get("context_length", int, 2048),
         tied_embeddings="output.weight" not in gguf.tensors,
+        rope_freqs="rope_freqs.weight" in gguf.tensors,
     )
 
 
