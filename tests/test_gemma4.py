@@ -314,3 +314,5 @@ def test_cli_writes_gemma4_variants(tmp_path):
     assert both.exit_code == 2 and "at most one" in both.output
     wrong_arch = CliRunner().invoke(main, ["synth", "--arch", "llama", "--moe", "--out", str(tmp_path / "y.gguf")])
     assert wrong_arch.exit_code == 2 and "llama has no 'moe' variant" in wrong_arch.output
+    not_llama = CliRunner().invoke(main, ["synth", "--arch", "gemma4", "--llama3-rope", "--out", str(tmp_path / "z.gguf")])
+    assert not_llama.exit_code == 2 and "--llama3-rope goes with --arch llama" in not_llama.output

@@ -179,6 +179,8 @@ def test_golden_file_of_another_vocabulary_is_refused_and_of_another_file_noted(
             f"{synthetic_moe_path} has a {vocab}-token vocabulary"]
     checked = runner.invoke(main, ["golden", "check", str(synthetic_moe_path), str(tmp_path / "other.golden")])
     assert checked.exit_code == 0 and "note: golden logits recorded on another file (elsewhere.gguf)" in checked.stdout
+    # random logits fail: the notes name what applies to this model (routed, float32 weights)
+    assert "note: this model routes tokens to experts" in checked.stdout and "anepack dequant" not in checked.stdout
     validated = runner.invoke(main, ["validate", "golden", str(synthetic_moe_path), "--recipe", "int8-per-channel",
                                      "--golden", str(tmp_path / "other.golden"), "--db", str(tmp_path / "runs.sqlite")])
     assert validated.exit_code == 0, validated.output
