@@ -398,6 +398,14 @@ def test_a_killed_build_never_looks_complete(gemma, tmp_path):
     assert read_manifest(target).shards == read_manifest(out).shards
 
 
+def test_embeddings_beyond_fp16_are_refused_in_one_line(gemma, tmp_path):
+    gguf, weights, _, _ = gemma
+    with pytest.raises(AnepackError) as error:
+        build_shards(gguf, weights, tmp_path / "out", **(GEMMA_BUILD | {"alpha": 2.0**20}))
+    assert str(error.value).startswith(f"{gguf.path}: embeddings times alpha reach ")
+    assert "beyond fp16" in str(error.value) and "\n" not in str(error.value)
+
+
 def test_a_layer_over_the_budget_is_refused(gemma, tmp_path):
     gguf, weights, _, _ = gemma
     with pytest.raises(AnepackError, match="layer 0 needs"):

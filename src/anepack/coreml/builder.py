@@ -857,26 +857,31 @@ def _build_key(common: dict, plan: ShardPlan, config: ModelConfig, weights: Reci
 
 
 def _scaled_rows(gguf: GGUFFile, tensor: str, scale: float, what: str):
-    """A vocabulary table's rows times ``scale`` as float16, a block of rows at a time
-    (``(start, rows)``): a real table is gigabytes as float32."""
+    """A vocabulary table's rows times ``scale`` as float16, a block of rows at a time, in order:
+    a real table is gigabytes as float32."""
     for start in range(0, gguf.info(tensor).shape[0], _ROW_BLOCK):
         scaled = gguf.rows(tensor, start, start + _ROW_BLOCK) * np.float32(scale)
         peak = float(np.abs(scaled).max(initial=0.0))
         if peak > FP16_MAX:
             raise AnepackError(gguf.path, f"{what} reach {peak:.0f}, beyond fp16")
-        yield start, scaled.astype(np.float16)
+        yield scaled.astype(np.float16)
 
 
 def _write_host_table(path: Path, shape: tuple[int, int], blocks, resume: bool) -> bool:
-    """Write a float16 ``.npy`` table from ``(start, rows)`` blocks through a memory map (never
-    whole in memory), unless an identical file is already there; True when written."""
+    """Write a float16 ``.npy`` table from its blocks of rows in order, one block in memory at a
+    time, unless an identical file is already there; True when written."""
     partial = temporary_path(path)
     try:
-        table = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=shape)
-        for start, rows in blocks:
-            table[start:start + len(rows)] = rows
-        table.flush()
-        del table
+        with open(partial, "wb") as handle:
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False,
+                      "shape": tuple(shape)}
+            np.lib.format.write_array_header_1_0(handle, header)
+            written = 0
+            for rows in blocks:
+                handle.write(np.ascontiguousarray(rows, dtype=np.float16).tobytes())
+                written += len(rows)
+        if written != shape[0]:
+            raise AnepackError(path, f"wrote {written} of {shape[0]} rows")
         if resume and path.is_file() and filecmp.cmp(partial, path, shallow=False):
             return False
         os.replace(partial, path)
@@ -889,7 +894,7 @@ def _host_tables(gguf: GGUFFile, config: ModelConfig, alpha: float) -> dict[str,
     """The host tables to write: file -> (source tensor, scale, what overflowing would be)."""
     embed_scale = float(np.float32(architecture(config).embed_scale(config)) * np.float32(alpha))
     tables = {EMBEDDINGS_FILE: (stored_name(gguf, EMBEDDING), embed_scale,
-                                "embeddings times alpha (choose a smaller alpha)")}
+                                "embeddings times alpha")}
     if per_layer_width(config):
         # the per-layer rows are scaled by sqrt(n_embd_per_layer) and do not join the residual stream
         tables[PER_LAYER_EMBEDDINGS_FILE] = (PER_LAYER_EMBEDDING, math.sqrt(per_layer_width(config)),
