@@ -65,6 +65,16 @@ def test_gate_stops_a_failing_recipe_and_names_the_blame(context):
     assert forced["forced"] and any("--force" in note for note in forced["notes"])
 
 
+def test_a_recipe_that_names_only_some_tensors_says_so(context):
+    """6 layers x 7 matrices + the LM head are compressible; blk.0.* names 7 of those 43."""
+    from anepack.validate.run import UNMATCHED_NOTE
+
+    notes = context.record("layers", recipe(("blk.0.*", "int8-channel")), {})["notes"]
+    assert f"{UNMATCHED_NOTE}: 36 of 43 compressible tensors match no rule of recipe 'test' " \
+           "(first: blk.1.attn_q.weight)" in notes
+    assert not any(note.startswith(UNMATCHED_NOTE) for note in context.record("layers", recipe(("*", "fp16")), {})["notes"])
+
+
 def test_golden_check_passes_fp16_and_fails_one_bit(context):
     exact = golden_run(context, recipe(("*", "fp16")))
     assert exact["passed"]

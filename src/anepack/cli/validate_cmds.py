@@ -70,6 +70,8 @@ def validate() -> None:
 
 
 def render_layers(doc: dict) -> None:
+    from anepack.validate.run import UNMATCHED_NOTE
+
     record = doc["record"]
     table = Table(title=f"recipe {record['recipe']['name']}: hidden-state cosine per layer (run {doc['run']})")
     for column in ("layer", "isolated min", "isolated mean", "cumulative min", "cumulative mean", "ok", "most blamed (share, cos alone)"):
@@ -82,6 +84,9 @@ def render_layers(doc: dict) -> None:
                       "[green]yes[/green]" if layer["passed"] else "[red]no[/red]", blame or "-")
     console.print(table)
     console.print(_bits_line(record["bits"]))
+    for note in record["notes"]:
+        if note.startswith(UNMATCHED_NOTE):
+            console.print(note, markup=False)
     verdict = "[bold green]PASS[/bold green]" if record["passed"] else "[bold red]FAIL[/bold red]"
     console.print(f"{verdict}: every checked layer's min cosine >= {record['thresholds']['min_layer_cosine']} "
                   "(isolated and cumulative)")
@@ -159,7 +164,7 @@ def golden_command(model, recipe_name, golden_path, min_cosine, min_top1, prompt
     """The full quantized stack on every golden prompt: logit cosine, KL, top-1 per position."""
     from anepack.golden import OTHER_FILE_NOTE, Golden
     from anepack.validate.recipes import load_recipe
-    from anepack.validate.run import ValidationContext, golden_run
+    from anepack.validate.run import UNMATCHED_NOTE, ValidationContext, golden_run
 
     recipe = load_recipe(recipe_name)
     golden = Golden.load(golden_path) if golden_path else None
@@ -180,7 +185,7 @@ def golden_command(model, recipe_name, golden_path, min_cosine, min_top1, prompt
         render_checks(doc, f"recipe {recipe.name}: quantized stack vs reference logits (run {doc['run']})")
         console.print(_bits_line(doc["bits"]))
         for note in doc["record"]["notes"]:
-            if note.startswith(("routing:", OTHER_FILE_NOTE)):
+            if note.startswith(("routing:", OTHER_FILE_NOTE, UNMATCHED_NOTE)):
                 console.print(note)
 
     emit(document, as_json, render)

@@ -81,6 +81,10 @@ class Recipe:
                 return rule.format
         return parse_format("fp16")
 
+    def unmatched(self, tensors: list[str]) -> list[str]:
+        """The ``tensors`` no rule names (they stay float16 without the recipe saying so)."""
+        return [tensor for tensor in tensors if not any(rule.matches(tensor) for rule in self.rules)]
+
     def with_overrides(self, overrides: dict[str, Format], name: str | None = None) -> Recipe:
         """This recipe with exact-name rules in front (used by blame and search)."""
         extra = tuple(Rule(tensor, fmt) for tensor, fmt in overrides.items())

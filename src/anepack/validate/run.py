@@ -29,7 +29,7 @@ from anepack.validate.layers import sample_layers, validate_layers
 from anepack.validate.quantized_store import QuantizedStore
 from anepack.validate.recipes import Recipe
 from anepack.validate.record import DEFAULT_THRESHOLDS, RunRecord, new_record
-from anepack.validate.weights import RecipeWeights
+from anepack.validate.weights import RecipeWeights, quantizable_tensors
 
 Progress = Callable[[str], None]
 
@@ -58,6 +58,11 @@ def calibrate(gguf: GGUFFile) -> Importance:
     prompts, tokens = calibration_tokens(gguf)
     cache = cache_dir() / "calibration" / f"{file_fingerprint(gguf.path)}.npz"
     return load_or_collect(gguf, prompts, tokens, cache)
+
+
+# How a record's note begins when the recipe leaves tensors float16 by naming none of them (a
+# recipe searched for another model, a misspelt pattern).
+UNMATCHED_NOTE = "float16 by omission"
 
 
 @dataclass
@@ -104,6 +109,11 @@ class ValidationContext:
         record = new_record(kind, self.gguf.path, recipe, {**DEFAULT_THRESHOLDS, **thresholds})
         record["tensors"], record["bits"] = recipe_bits(self.gguf, recipe)
         record["timings"].update(self.timings)
+        compressible = quantizable_tensors(self.gguf)
+        unmatched = recipe.unmatched(compressible)
+        if unmatched:
+            record["notes"].append(f"{UNMATCHED_NOTE}: {len(unmatched)} of {len(compressible)} compressible tensors "
+                                   f"match no rule of recipe '{recipe.name}' (first: {unmatched[0]})")
         if self.importance is None:
             record["notes"].append("clustering and rounding without calibration importance")
         else:
