@@ -104,7 +104,8 @@ def test_the_gate_blames_only_the_layers_that_fail(gguf, tmp_path):
     assert by_layer[2]["blame"][0]["tensor"] == "blk.2.ffn_down_exps.weight"
 
 
-@pytest.mark.parametrize("spec", ["int8-channel", "lut4-g16", "lut6-tensor"])
+@pytest.mark.parametrize("spec", ["int8-channel", "lut4-g16", "lut6-tensor", "lut3-g16", "lut1-tensor",
+                                  "int4-channel", "uint4-channel-affine"])
 def test_matrices_are_stored_once_and_read_back_unchanged(gguf, tmp_path, spec):
     """A trunk matrix put in the store on first use comes back with the same stored arrays as
     quantizing it directly (``quantize``, no store, no cache), and later requests read the
@@ -119,6 +120,11 @@ def test_matrices_are_stored_once_and_read_back_unchanged(gguf, tmp_path, spec):
     assert not stored._quantized  # nothing kept in memory
     files = sorted(store.directory.glob(f"{matrix}.*"))
     assert files
+    # the codes (LUT indices, integer data) take their bits on disk, not a byte each
+    for field, (array, bits) in direct.storage_bits().items():
+        if field in ("indices", "data"):
+            stored_bytes = (store.directory / f"{matrix}.{field}").stat().st_size
+            assert stored_bytes == (array.size * bits // 8 if bits < 8 else array.nbytes), field
     mtimes = [f.stat().st_mtime_ns for f in files]
     assert stored.compressed(matrix) is first  # the last one read is kept: row chunks share it
     stored.compressed("blk.1.attn_q.weight")
@@ -199,10 +205,24 @@ def test_a_bank_with_one_linear_scale_is_quantized_by_passes_over_its_rows(gguf,
     assert quantize_bank_streamed(read_rows, shape, "lut4-tensor") is None  # a LUT needs the whole bank
 
 
-@pytest.mark.parametrize("spec", ["lut4-g16", "int4-channel", "uint4-block32", "lut3-g16", "int8-channel"])
-def test_four_bit_codes_are_stored_two_per_byte_and_read_back_unchanged(gguf, tmp_path, spec):
-    """4-bit codes (LUT indices, signed and unsigned int4 data and offsets) take half a byte
-    each on disk; every expert and the whole bank read back equal what was written."""
+def test_packed_codes_closed_form():
+    """LSB first, as Core ML packs sub-byte weights: 6-bit codes 1, 2, 3, 63 are the 24-bit
+    integer 1 + 2 * 2**6 + 3 * 2**12 + 63 * 2**18; signed 4-bit -1, 3 is the byte 0x3F."""
+    from anepack.validate.quantized_store import _file_bytes, _unpacked
+
+    six = _file_bytes(np.array([1, 2, 3, 63], np.uint8), 6)
+    assert int.from_bytes(six, "little") == 1 + 2 * 2**6 + 3 * 2**12 + 63 * 2**18 and len(six) == 3
+    assert _file_bytes(np.array([-1, 3], np.int8), 4) == bytes([0x3F])
+    np.testing.assert_array_equal(_unpacked(np.frombuffer(bytes([0x3F]), np.uint8), 4, 2, np.int8), [-1, 3])
+    three = _file_bytes(np.arange(8, dtype=np.uint8), 3)
+    assert int.from_bytes(three, "little") == sum(value << (3 * value) for value in range(8))
+
+
+@pytest.mark.parametrize("spec", ["lut4-g16", "int4-channel", "uint4-block32", "lut3-g16", "lut6-g16", "lut1-tensor",
+                                  "int8-channel"])
+def test_sub_byte_codes_are_stored_packed_and_read_back_unchanged(gguf, tmp_path, spec):
+    """Codes of 1-6 bits (LUT indices, signed and unsigned int4 data and offsets) take their bits
+    on disk; every expert and the whole bank read back equal what was written."""
     bank = "blk.0.ffn_down_exps.weight"
     experts = [quantize(gguf.expert(bank, e), spec) for e in range(gguf.info(bank).shape[0])]
     store = QuantizedStore(tmp_path)
@@ -210,7 +230,7 @@ def test_four_bit_codes_are_stored_two_per_byte_and_read_back_unchanged(gguf, tm
     written = QuantizedTensor.stack(experts)
     for field, (array, bits) in written.storage_bits().items():
         size = (store.directory / f"{bank}.{field}").stat().st_size
-        assert size == (array.nbytes // 2 if bits == 4 else array.nbytes), (field, bits)
+        assert size == (array.size * bits // 8 if bits < 8 else array.nbytes), (field, bits)
     for index in (0, 5, len(experts) - 1):
         read = store.expert(bank, index)
         for field, (array, _) in written.storage_bits().items():

@@ -9,7 +9,8 @@ a whole tensor at once (``put``: a trunk matrix, 53 MB per 26B-A4B layer in int8
 with one scale or LUT over it). One expert comes back with a positioned read per array
 (``expert``: an array shared by all experts, leading axis 1, is read whole), a whole tensor
 with one read per array (``get``); no memory map, so nothing stays resident after a read.
-4-bit codes are stored two per byte. The directory is temporary and removed with the store.
+Codes of 1, 2, 3, 4 or 6 bits are stored packed, LSB first (a 6-bit bank's store is 3/4 of a byte
+per code). The directory is temporary and removed with the store.
 """
 
 from __future__ import annotations
@@ -39,29 +40,64 @@ def _array_fields(tensor: QuantizedTensor) -> dict[str, np.ndarray]:
 STORE_PREFIX = ".quantized-"
 
 
-def _nibble_fields(tensor: QuantizedTensor) -> frozenset[str]:
-    """Fields of 4-bit codes held one per byte (LUT indices, int4 data and offsets), an even
-    number per block of the leading axis (an expert): stored two per byte, so a 4-bit bank's
-    store is halved and an expert still starts on a byte."""
-    return frozenset(field for field, (array, bits) in tensor.storage_bits().items()
-                     if bits == 4 and array.dtype.itemsize == 1 and math.prod(array.shape[1:]) % 2 == 0)
+# Codes packed or unpacked at a time (a multiple of every group below), to bound temporaries.
+_PACK_PIECE = 1 << 22
 
 
-def _file_bytes(array: np.ndarray, packed: bool) -> bytes:
+def _packed_fields(tensor: QuantizedTensor) -> dict[str, int]:
+    """Fields of sub-byte codes held one per byte (LUT indices, int4 data and offsets) -> their
+    bits, where each block of the leading axis (an expert) fills whole bytes: stored packed, so
+    an expert still starts on a byte."""
+    return {field: bits for field, (array, bits) in tensor.storage_bits().items()
+            if bits < 8 and array.dtype.itemsize == 1 and math.prod(array.shape[1:]) * bits % 8 == 0}
+
+
+def _group(bits: int) -> tuple[int, int, type]:
+    """The smallest run of ``bits``-bit codes that fills whole bytes: codes, bytes, and an
+    unsigned type that holds the run (1, 2, 4 bits: one byte; 3 and 6 bits: three)."""
+    codes = 8 // math.gcd(bits, 8)
+    size = codes * bits // 8
+    return codes, size, np.uint8 if size == 1 else np.uint32
+
+
+def _file_bytes(array: np.ndarray, bits: int) -> bytes:
+    """The array's bytes, or (``bits`` < 8) its codes' low ``bits`` bits packed LSB first."""
     codes = np.ascontiguousarray(array)
-    if not packed:
+    if bits >= 8:
         return codes.tobytes()
     codes = codes.reshape(-1).view(np.uint8)
-    return ((codes[0::2] & 0x0F) | (codes[1::2] << 4)).tobytes()
+    per_run, size, run_type = _group(bits)
+    mask = (1 << bits) - 1
+    pieces = []
+    for start in range(0, codes.size, _PACK_PIECE):
+        piece = codes[start:start + _PACK_PIECE]
+        value = np.zeros(piece.size // per_run, run_type)
+        for j in range(per_run):
+            value |= (piece[j::per_run] & mask).astype(run_type) << run_type(bits * j)
+        runs = np.empty((value.size, size), np.uint8)
+        for k in range(size):
+            runs[:, k] = value >> run_type(8 * k)
+        pieces.append(runs.tobytes())
+    return b"".join(pieces)
 
 
-def _unpacked_nibbles(packed: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    codes = np.empty(2 * packed.size, np.uint8)
-    codes[0::2] = packed & 0x0F
-    codes[1::2] = packed >> 4
-    if np.dtype(dtype) == np.int8:  # two's complement nibbles: 8..15 are -8..-1
+def _unpacked(packed: np.ndarray, bits: int, count: int, dtype: np.dtype) -> np.ndarray:
+    """``count`` codes of ``bits`` bits from ``packed`` bytes, as ``dtype`` (signed: two's complement)."""
+    per_run, size, run_type = _group(bits)
+    mask = run_type((1 << bits) - 1)
+    codes = np.empty(count, np.uint8)
+    for start in range(0, count, _PACK_PIECE):
+        stop = min(start + _PACK_PIECE, count)
+        runs = packed[start * bits // 8:stop * bits // 8].reshape(-1, size)
+        value = runs[:, 0].astype(run_type)
+        for k in range(1, size):
+            value |= runs[:, k].astype(run_type) << run_type(8 * k)
+        piece = codes[start:stop]
+        for j in range(per_run):
+            piece[j::per_run] = (value >> run_type(bits * j)) & mask
+    if np.dtype(dtype).kind == "i":  # the top code bit is the sign: 2**(bits-1).. are negative
         codes = codes.view(np.int8)
-        codes[codes > 7] -= 16
+        codes[codes >= 1 << (bits - 1)] -= 1 << bits
     return codes.view(dtype)
 
 
@@ -80,7 +116,7 @@ class _Stored:
     """A stored tensor: itself without its arrays, and each array's dtype, shape and packing."""
 
     template: QuantizedTensor
-    arrays: dict[str, tuple[np.dtype, tuple[int, ...], bool]]  # field -> (dtype, shape, two codes per byte)
+    arrays: dict[str, tuple[np.dtype, tuple[int, ...], int]]  # field -> (dtype, shape, packed bits or 8)
 
 
 class QuantizedStore:
@@ -96,44 +132,45 @@ class QuantizedStore:
 
     def put(self, name: str, tensor: QuantizedTensor) -> None:
         """Store a whole tensor (a matrix, or a bank with arrays shared by its experts)."""
-        nibbles = _nibble_fields(tensor)
+        packed = _packed_fields(tensor)
         with self._writing():
             for field, array in _array_fields(tensor).items():
-                self._path(name, field).write_bytes(_file_bytes(array, field in nibbles))
-        self._record(name, tensor, {field: array.shape for field, array in _array_fields(tensor).items()}, nibbles)
+                self._path(name, field).write_bytes(_file_bytes(array, packed.get(field, 8)))
+        self._record(name, tensor, {field: array.shape for field, array in _array_fields(tensor).items()}, packed)
 
     def write(self, bank: str, experts: Iterable[QuantizedTensor]) -> None:
         """Store ``experts`` (each ``[Cout, Cin]`` as quantized alone, in expert order)."""
-        files, first, nibbles, count = {}, None, frozenset(), 0
+        files, first, packed, count = {}, None, {}, 0
         try:
             for expert in experts:  # made as they are written: their own errors pass through
                 one = QuantizedTensor.stack([expert])
                 with self._writing():
                     if first is None:
-                        first, nibbles = one, _nibble_fields(one)
+                        first, packed = one, _packed_fields(one)
                         files = {field: open(self._path(bank, field), "wb") for field in _array_fields(one)}
                     for field, array in _array_fields(one).items():
-                        files[field].write(_file_bytes(array, field in nibbles))
+                        files[field].write(_file_bytes(array, packed.get(field, 8)))
                 count += 1
         finally:
             for handle in files.values():
                 handle.close()
         if first is not None:
             shapes = {field: (count, *array.shape[1:]) for field, array in _array_fields(first).items()}
-            self._record(bank, first, shapes, nibbles)
+            self._record(bank, first, shapes, packed)
 
     def _record(self, name: str, tensor: QuantizedTensor, shapes: dict[str, tuple[int, ...]],
-                nibbles: frozenset[str]) -> None:
-        """Remember ``name``: ``tensor`` without its arrays, and each stored array's shape."""
-        arrays = {field: (array.dtype, shapes[field], field in nibbles) for field, array in _array_fields(tensor).items()}
+                packed: dict[str, int]) -> None:
+        """Remember ``name``: ``tensor`` without its arrays, and each stored array's shape and packing."""
+        arrays = {field: (array.dtype, shapes[field], packed.get(field, 8))
+                  for field, array in _array_fields(tensor).items()}
         self._stored[name] = _Stored(dataclasses.replace(tensor, **dict.fromkeys(arrays)), arrays)
 
     def get(self, name: str) -> QuantizedTensor:
         """Tensor or bank ``name`` whole, in memory."""
         stored = self._stored[name]
         return dataclasses.replace(stored.template, **{
-            field: self._read(name, field, dtype, math.prod(shape), 0, packed).reshape(shape)
-            for field, (dtype, shape, packed) in stored.arrays.items()
+            field: self._read(name, field, dtype, math.prod(shape), 0, bits).reshape(shape)
+            for field, (dtype, shape, bits) in stored.arrays.items()
         })
 
     def expert(self, bank: str, index: int) -> QuantizedTensor:
@@ -144,10 +181,10 @@ class QuantizedStore:
         if not 0 <= index < experts:
             raise IndexError(f"expert {index} out of range for {bank!r} with {experts} experts")
         arrays = {}
-        for field, (dtype, shape, packed) in stored.arrays.items():
+        for field, (dtype, shape, bits) in stored.arrays.items():
             one = (1, *shape[1:])
             first = 0 if shape[0] == 1 else index * math.prod(one)
-            arrays[field] = self._read(bank, field, dtype, math.prod(one), first, packed).reshape(one)
+            arrays[field] = self._read(bank, field, dtype, math.prod(one), first, bits).reshape(one)
         return dataclasses.replace(stored.template, **arrays)
 
     def shapes_only(self, name: str) -> QuantizedTensor:
@@ -158,12 +195,13 @@ class QuantizedStore:
             field: np.broadcast_to(np.zeros((), dtype), shape) for field, (dtype, shape, _) in stored.arrays.items()
         })
 
-    def _read(self, name: str, field: str, dtype: np.dtype, count: int, first: int, packed: bool) -> np.ndarray:
-        """``count`` values of a field from value ``first`` on."""
+    def _read(self, name: str, field: str, dtype: np.dtype, count: int, first: int, bits: int) -> np.ndarray:
+        """``count`` values of a field from value ``first`` on (``bits`` < 8: packed codes)."""
         path = self._path(name, field)
-        if not packed:
+        if bits >= 8:
             return np.fromfile(path, dtype=dtype, count=count, offset=first * np.dtype(dtype).itemsize)
-        return _unpacked_nibbles(np.fromfile(path, dtype=np.uint8, count=count // 2, offset=first // 2), dtype)
+        packed = np.fromfile(path, dtype=np.uint8, count=count * bits // 8, offset=first * bits // 8)
+        return _unpacked(packed, bits, count, dtype)
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[None]:
