@@ -71,11 +71,6 @@ def render_checks(doc: dict, title: str) -> None:
 UNQUANTIZED_TYPES = ("F32", "F16", "BF16")
 
 
-def _multiplied(tensor: str, tied_embeddings: bool) -> bool:
-    """Whether llama.cpp multiplies by ``tensor`` (embedding tables are only looked up, unless tied)."""
-    return "token_embd" not in tensor or (tensor == "token_embd.weight" and tied_embeddings)
-
-
 @golden.command("check")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(dir_okay=False), metavar="[MODEL] GOLDEN")
 @click.option("--min-cosine", type=COSINE, default=0.99, show_default=True, help="Per-position logit cosine bar.")
@@ -90,8 +85,10 @@ def check_command(paths: tuple[str, ...], min_cosine: float, min_top1: float, fp
     from anepack import golden as golden_lib
     from anepack.reference import build
     from anepack.reference.llamacpp_emulation import LlamaCppArithmetic
+    from anepack.source.config import routes_experts
     from anepack.source.gguf_file import open_gguf
-    from anepack.source.weights import source_weights
+    from anepack.source.weights import source_weights, stored_name
+    from anepack.validate.weights import quantizable_tensors
 
     if len(paths) > 2:
         raise click.UsageError("expected [MODEL] GOLDEN")
@@ -102,10 +99,10 @@ def check_command(paths: tuple[str, ...], min_cosine: float, min_top1: float, fp
         emulate = LlamaCppArithmetic(gguf) if emulate_llamacpp else None
         model = build(gguf.config, source_weights(gguf), fp16=fp16, emulate=emulate)
         other_file = golden_file.check_model(paths[-1], model_path, gguf.config.vocab_size)
-        routed = any(getattr(gguf.config, "moe_layers", ()))
-        quantized_types = sorted({info.type_name for name, info in gguf.tensors.items()
-                                  if len(info.shape) >= 2 and info.type_name not in UNQUANTIZED_TYPES
-                                  and _multiplied(name, "output.weight" not in gguf.tensors)})
+        routed = routes_experts(gguf.config)
+        # the layer matrices and the LM head (the embedding table, when tied), as stored
+        stored_types = {gguf.info(stored_name(gguf, name)).type_name for name in quantizable_tensors(gguf)}
+        quantized_types = sorted(stored_types - set(UNQUANTIZED_TYPES))
         overflows = []
 
         def logits(tokens):

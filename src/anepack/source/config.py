@@ -254,6 +254,11 @@ class Gemma4Config:
 ModelConfig = Union[LlamaConfig, Gemma3Config, Gemma4Config]
 
 
+def routes_experts(config: ModelConfig) -> bool:
+    """True for a Mixture-of-Experts model (only Gemma 4 configs have routers)."""
+    return isinstance(config, Gemma4Config) and any(config.moe_layers)
+
+
 class _Keys:
     """Typed access to ``<arch>.<key>`` metadata with one-line errors naming the file."""
 

@@ -21,6 +21,7 @@ from anepack.metrics import routing_agreement
 from anepack.reference import build
 from anepack.reference.gemma4 import RecordedRouting
 from anepack.source.default_model import cache_dir
+from anepack.source.config import routes_experts
 from anepack.source.fingerprint import file_fingerprint
 from anepack.source.gguf_file import GGUFFile
 from anepack.validate.bits import recipe_bits
@@ -97,8 +98,8 @@ class ValidationContext:
 
     @property
     def routed(self) -> bool:
-        """True for an MoE model (only Gemma 4 configs have routers)."""
-        return any(getattr(self.gguf.config, "moe_layers", ()))
+        """True for an MoE model."""
+        return routes_experts(self.gguf.config)
 
     def weights(self, recipe: Recipe) -> RecipeWeights:
         """The recipe's weights; an MoE model's quantized weights go to a temporary store on
