@@ -37,7 +37,9 @@ import numpy as np
 
 from anepack.coreml import moe
 from anepack.coreml.moe import EMBEDDED
-from anepack.coreml.builder import MASK_HIDDEN, cache_shape, host_inputs, kv_layers, moe_layers, per_layer_width
+from anepack.coreml.builder import (
+    MASK_HIDDEN, cache_shape, host_inputs, kv_layers, kv_source, moe_layers, per_layer_width,
+)
 from anepack.coreml.manifest import ShardEntry, read_manifest
 from anepack.errors import AnepackError
 from anepack.reference.gemma4 import Router, own_routing
@@ -78,6 +80,9 @@ class ShardRuntime:
         self._layers = [(entry, open_shard(self.out_dir / entry.file, backend)) for entry in layer_entries]
         self._heads = [(entry, open_shard(self.out_dir / entry.file, backend)) for entry in head_entries]
         self._routed = moe_layers(self.config)
+        # E2B/E4B: the layers whose keys and values later layers reuse
+        sources = (kv_source(self.config, il) for il in range(self.config.n_layers))
+        self._kv_sources = {source for il, source in enumerate(sources) if source != il}
         # The host's routing, as the reference's (a hook: a check records the experts chosen).
         self.router: Router = own_routing
         self._experts = self._expert_shards()
@@ -205,8 +210,8 @@ class ShardRuntime:
                     kind, il = name[0], name.rsplit("_", 1)[1]
                     new = outputs.pop(name)
                     chunk.cache[f"{kind}_cache_{il}"][:, :, chunk.start:chunk.start + count] = new[:, :, :count]
-                    # a KV-shared layer in a later package reads the call's keys as they came out
-                    inputs[f"{kind}_shared_{il}"] = new
+                    if int(il) in self._kv_sources:  # a KV-shared layer in a later package reads them as they came out
+                        inputs[f"{kind}_shared_{il}"] = new
                 trunks.append(outputs)
             last = entry.layers[-1]
             if self._routed[last]:
